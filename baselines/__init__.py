@@ -1,0 +1,5 @@
+"""Baseline restoration methods the field compares with (I2SB, Palette, DPS, PiGDM, DDRM, DDNM).
+
+Each is written against the same operator and model contracts as the BCM restorers in :mod:`restore`,
+so comparisons use the same data, backbone and NFE accounting.
+"""

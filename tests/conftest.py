@@ -1,0 +1,57 @@
+"""Shared fixtures: device, explicit RNG, and the real data in ../shared/data.
+
+Tests that need ../shared/data skip with a clear reason when it is absent, unless
+REQUIRE_SHARED_DATA=1 (set by .ci/run), where absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Both cores by default (the CI machine has 2); OMP_NUM_THREADS wins when set, e.g. on a shared box.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared_file(name: str) -> Path:
+    """Path of a file in ../shared/data, or skip (fail under REQUIRE_SHARED_DATA=1) when missing."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        reason = f"{path} not found (real data lives in ../shared/data)"
+        if os.environ.get("REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(reason + " and REQUIRE_SHARED_DATA=1")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_test_uint8() -> np.ndarray:
+    """The first 256 CIFAR-10 test images, uint8 NHWC."""
+    with np.load(shared_file("cifar10_test.npz"), allow_pickle=False) as f:
+        return f["x"][:256].copy()
+
+
+@pytest.fixture(scope="session")
+def cifar_test(cifar_test_uint8) -> torch.Tensor:
+    """The first 256 CIFAR-10 test images as float32 (B, 3, 32, 32) in [-1, 1]."""
+    return torch.from_numpy(cifar_test_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny networks are latency-bound: one thread is as fast and avoids oversubscribing shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,312 @@
+"""Property tests over the whole operator registry (DESIGN.md §5, restoration.md §9.4).
+
+Every spec in SPECS is checked for shapes / dtype / device, adjointness and pseudo-inverse (linear),
+projection (consistent, idempotent, closest point), determinism and batch independence of its
+randomness, and spec round trips. Codec-specific JPEG checks live in tests/test_jpeg.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import operators
+from operators import Box, Downsample, Operator, RandBox, build_operator, list_operators, register_operator
+from operators.utils import make_generators
+
+BASE_SPECS = [
+    "jpeg:quality=10",
+    "jpeg:quality=50",
+    "box:size=16",
+    "randbox:size=8",
+    "down:factor=2,kernel=avg",
+    "down:factor=4,kernel=bicubic",
+]
+SPECS = BASE_SPECS + [s + ",noise=0.05" for s in BASE_SPECS]
+LINEAR_SPECS = [s for s in SPECS if build_operator(s).linear]
+NOISY_OR_RANDOM = [s for s in SPECS if "noise" in s or s.startswith("randbox")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
+
+
+def _ready(spec: str, x: torch.Tensor, seed: int = 0) -> Operator:
+    """The operator of ``spec``, with randbox's boxes drawn for ``x``."""
+    op = build_operator(spec)
+    if isinstance(op, RandBox):
+        op.sample_mask(x.shape, torch.Generator().manual_seed(seed), device=x.device)
+    return op
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([1.0, 4, 6, 4, 1], dtype=x.dtype, device=x.device)
+    k = (k[:, None] * k[None]) / 256
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k.expand(x.shape[1], 1, 5, 5), groups=x.shape[1])
+
+
+# -- shapes, dtype, device ------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", SPECS)
+def test_shapes_dtype_device(spec, dtype, device, cifar_test):
+    x = cifar_test[:3].to(device, dtype)
+    op = _ready(spec, x)
+    y = op(x)
+    assert y.shape == op.output_shape(x.shape) and y.dtype == dtype and y.device == x.device
+    ym = op.measure(x, torch.Generator().manual_seed(1))
+    assert ym.shape == y.shape and ym.dtype == dtype and ym.device == x.device
+    p = op.project(x, y)
+    assert p.shape == x.shape and p.dtype == dtype and p.device == x.device
+    if op.linear:
+        for z in (op.adjoint(y), op.pinv(y)):
+            assert z.shape == x.shape and z.dtype == dtype and z.device == x.device
+    else:
+        with pytest.raises(TypeError, match="not linear"):
+            op.adjoint(y)
+
+
+def test_output_shape_of_downsampling_and_bad_sizes():
+    op = build_operator("down:factor=4,kernel=avg")
+    assert op.output_shape((2, 3, 64, 32)) == (2, 3, 16, 8)
+    with pytest.raises(ValueError, match="not a multiple"):
+        op(torch.zeros(1, 3, 30, 32))
+
+
+# -- linear algebra -----------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", LINEAR_SPECS)
+def test_adjointness(spec, rng):
+    """<A x, v> = <x, A^T v> in float64 for random x and v."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=rng)
+    op = _ready(spec, x)
+    v = torch.randn(op.output_shape(x.shape), dtype=torch.float64, generator=rng)
+    lhs, rhs = (op(x) * v).sum(), (x * op.adjoint(v)).sum()
+    assert abs(lhs - rhs) <= 1e-10 * max(abs(lhs), abs(rhs))
+
+
+@pytest.mark.parametrize("spec", LINEAR_SPECS)
+def test_pinv_is_moore_penrose(spec, rng):
+    """A A^+ y = y on the range of A, A^+ A A^+ = A^+, and A^+ y is orthogonal to the null space of A."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=rng)
+    op = _ready(spec, x)
+    y = op(torch.randn(x.shape, dtype=torch.float64, generator=rng))
+    xp = op.pinv(y)
+    torch.testing.assert_close(op(xp), y, rtol=0, atol=1e-10)
+    torch.testing.assert_close(op.pinv(op(xp)), xp, rtol=0, atol=1e-10)
+    null = x - op.pinv(op(x))
+    torch.testing.assert_close(op(null), torch.zeros_like(y), rtol=0, atol=1e-10)
+    assert abs((null * xp).sum()) < 1e-9 * null.norm() * xp.norm()
+
+
+@pytest.mark.parametrize("spec", ["down:factor=2,kernel=avg", "down:factor=4,kernel=bicubic"])
+def test_downsampling_pinv_is_right_inverse_on_any_lr_image(spec, rng):
+    op = build_operator(spec)
+    y = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=rng)
+    torch.testing.assert_close(op(op.pinv(y)), y, rtol=0, atol=1e-10)
+
+
+def test_avg_downsampling_is_block_mean_with_nearest_adjoint(rng):
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    y = torch.randn(2, 3, 8, 8, generator=rng)
+    op = build_operator("down:factor=4,kernel=avg")
+    torch.testing.assert_close(op(x), F.avg_pool2d(x, 4))
+    torch.testing.assert_close(op.pinv(y), F.interpolate(y, scale_factor=4, mode="nearest"))
+    torch.testing.assert_close(op.adjoint(y), F.interpolate(y, scale_factor=4, mode="nearest") / 16)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_bicubic_matches_torch_antialias_away_from_the_border(factor, rng):
+    """Independent oracle: torch's antialiased bicubic (Keys a=-0.5, support 4K) agrees exactly
+    where no tap reaches the border (torch renormalises truncated taps instead of reflecting)."""
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=rng)
+    ours = build_operator(f"down:factor={factor},kernel=bicubic")(x)
+    ref = F.interpolate(x, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(ours[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2], rtol=0, atol=1e-12)
+    const = torch.full_like(x, 0.3)
+    torch.testing.assert_close(build_operator(f"down:factor={factor},kernel=bicubic")(const), const[..., ::factor, ::factor])
+
+
+# -- projection -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", LINEAR_SPECS)
+def test_linear_project_is_the_closest_consistent_image(spec, cifar_test, rng):
+    truth = cifar_test[:4].double()
+    op = _ready(spec, truth)
+    y = op.measure(truth, rng)
+    x = _blur(truth)
+    p = op.project(x, y)
+    torch.testing.assert_close(op(p), y, rtol=0, atol=1e-10)  # consistent
+    torch.testing.assert_close(op.project(p, y), p, rtol=0, atol=1e-10)  # idempotent
+    # closest: any other consistent image z = p + (null-space vector) is farther from x
+    v = torch.randn(truth.shape, dtype=torch.float64, generator=rng)
+    z = p + (v - op.pinv(op(v)))
+    torch.testing.assert_close(op(z), y, rtol=0, atol=1e-10)
+    assert ((z - x).flatten(1).norm(dim=1) >= (p - x).flatten(1).norm(dim=1)).all()
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.startswith("jpeg")])
+def test_jpeg_project_is_consistent_and_idempotent(spec, cifar_test, rng):
+    """Tolerances stated: measured on 256 CIFAR-10 test images (q10: 98% of images reproduce y
+    exactly through the real codec, the rest > 38 dB); here 32 images."""
+    truth = cifar_test[:32]
+    op = build_operator(spec)
+    y = op.measure(truth, rng)
+    x = _blur(truth)
+    p = op.project(x, y)
+    pp = op.project(p, y)
+    assert (pp - p).abs().mean() < 1e-4 and (pp - p).abs().max() < 0.1
+    if op.noise == 0:
+        mse = (op(p) - y).square().flatten(1).mean(1)
+        exact = (mse == 0).float().mean()
+        assert exact >= 0.85, f"only {exact:.0%} of images consistent after projection"
+        assert (mse > 0).sum() == 0 or (10 * torch.log10(4 / mse[mse > 0])).min() > 30
+
+
+# -- randomness -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", NOISY_OR_RANDOM)
+def test_measure_is_deterministic_given_the_generator(spec, cifar_test):
+    x = cifar_test[:4]
+    op = build_operator(spec)
+    a = op.measure(x, torch.Generator().manual_seed(3))
+    b = op.measure(x, torch.Generator().manual_seed(3))
+    c = op.measure(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("spec", NOISY_OR_RANDOM)
+def test_per_image_generators_do_not_depend_on_batch_composition(spec, cifar_test):
+    ids = [10, 11, 12, 13, 14]
+    x = cifar_test[ids]
+    op = build_operator(spec)
+    full = op.measure(x, make_generators(7, ids))
+    full_mask = getattr(op, "mask", None)
+    sub = [3, 0]
+    part = op.measure(x[sub], make_generators(7, [ids[i] for i in sub]))
+    torch.testing.assert_close(part, full[sub], rtol=0, atol=0)
+    if isinstance(op, RandBox):
+        assert torch.equal(op.mask, full_mask[sub])
+
+
+def test_measurement_noise_has_the_configured_std(rng):
+    x = torch.zeros(8, 3, 32, 32)
+    y = build_operator("down:factor=2,kernel=avg,noise=0.05").measure(x, rng)
+    assert abs(y.std().item() - 0.05) < 0.002
+    assert torch.equal(build_operator("down:factor=2,kernel=avg").measure(x, rng), torch.zeros(8, 3, 16, 16))
+
+
+# -- masks ----------------------------------------------------------------------------------------
+def test_centre_box_is_i2sb_centre_and_hole_is_zero(cifar_test, rng):
+    x = cifar_test[:2]
+    op = build_operator("box:size=16,noise=0.1")
+    y = op.measure(x, rng)
+    assert op.mask.dtype == torch.bool and op.mask.shape == (1, 1, 32, 32)
+    hole = ~op.mask[0, 0]
+    assert hole[8:24, 8:24].all() and hole.sum() == 256  # rows/cols [H/4, 3H/4)
+    assert (y[:, :, 8:24, 8:24] == 0).all() and (y[..., :8, :] != x[..., :8, :]).all()  # noise on observed only
+    op = Box(size=4, top=1, left=2)
+    op(x)
+    assert (~op.mask[0, 0]).nonzero().min(0).values.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="does not fit"):
+        Box(size=8, top=30)(x)
+
+
+def test_randbox_draws_boxes_inside_the_margin_and_needs_a_draw(cifar_test):
+    x = cifar_test[:64]
+    op = RandBox(size=8, margin=4)
+    with pytest.raises(ValueError, match="no boxes drawn"):
+        op(x)
+    op.measure(x, make_generators(0, range(64)))
+    assert op.boxes.shape == (64, 2) and op.mask.shape == (64, 1, 32, 32)
+    assert op.boxes.min() >= 4 and op.boxes.max() <= 32 - 8 - 4
+    assert len({tuple(b) for b in op.boxes.tolist()}) > 32  # boxes do move
+    assert ((~op.mask).flatten(1).sum(1) == 64).all()
+    with pytest.raises(ValueError, match="drawn for images"):
+        op(x[:3])
+
+
+# -- specs, registry, errors --------------------------------------------------------------------
+@pytest.mark.parametrize("spec", SPECS)
+def test_spec_round_trip(spec):
+    op = build_operator(spec)
+    again = build_operator(op.spec)
+    assert again == op and again.spec == op.spec and type(again) is type(op)
+    assert build_operator((op.name, op.params)) == op
+    assert op.spec == spec  # the specs above are already canonical
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        (" down : kernel=bicubic , factor=4 ", "down:factor=4,kernel=bicubic"),
+        ("jpeg:quality=10,noise=0", "jpeg:quality=10"),
+        ("box:size=16,noise=5e-2", "box:size=16,noise=0.05"),
+        (("randbox", {"size": "8", "margin": 2}), "randbox:size=8,margin=2"),
+    ],
+)
+def test_spec_is_canonicalised(spec, canonical):
+    assert build_operator(spec).spec == canonical
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("blur:sigma=1", ["box", "down", "jpeg", "randbox"]),
+        ("jpeg:q=10", ["quality", "noise"]),
+        ("jpeg", ["missing", "quality"]),
+        ("jpeg:quality=0", ["[1, 100]"]),
+        ("jpeg:quality=ten", ["quality"]),
+        ("jpeg:quality=10.5", ["quality"]),
+        ("down:factor=4,kernel=lanczos", ["avg|bicubic"]),
+        ("down:factor=1,kernel=avg", [">= 2"]),
+        ("box:size", ["key=value", "size"]),
+        ("box:size=4,size=5", ["twice"]),
+        ("box:size=4,noise=-0.1", ["noise", ">= 0"]),
+        (("box", {"size": 4, "colour": 1}), ["colour", "size", "top", "left"]),
+        (42, ["name[:key=value"]),
+    ],
+)
+def test_errors_list_the_valid_choices(spec, expected):
+    with pytest.raises(ValueError) as info:
+        build_operator(spec)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_list_operators_describes_the_registry():
+    listing = list_operators()
+    assert set(listing) == {"box", "down", "jpeg", "randbox"}
+    assert {n: d["linear"] for n, d in listing.items()} == {"box": True, "down": True, "jpeg": False, "randbox": True}
+    for entry in listing.values():
+        assert entry["description"] and "\n" not in entry["description"]
+        assert entry["params"]["noise"] == {
+            "type": "float", "default": 0.0, "required": False,
+            "help": "std of additive Gaussian measurement noise, [-1, 1] units", "range": [0.0, None],
+        }
+    assert listing["down"]["params"]["kernel"]["choices"] == ["avg", "bicubic"]
+    assert listing["jpeg"]["params"]["quality"]["required"] and listing["jpeg"]["params"]["quality"]["range"] == [1, 100]
+    assert listing["randbox"]["params"]["margin"]["default"] == 0
+
+
+def test_register_operator_validates(monkeypatch):
+    monkeypatch.setattr(operators.registry, "_REGISTRY", dict(operators.registry._REGISTRY))
+    for bad in ["Jpeg", "1x", "a-b", "", "with space"]:
+        with pytest.raises(ValueError, match="must match"):
+            register_operator(bad)
+    with pytest.raises(ValueError, match="already registered"):
+        register_operator("jpeg")(Downsample)
+    with pytest.raises(TypeError, match="Operator subclass"):
+        register_operator("plain")(object)
+
+    @register_operator("negate")
+    class Negate(Operator):
+        """Sign flip (test operator)."""
+
+        linear = True
+
+        def forward(self, x):
+            return -x
+
+        adjoint = pinv = forward
+
+    op = build_operator("negate:noise=0.5")
+    assert isinstance(op, Negate) and op.spec == "negate:noise=0.5" and "negate" in list_operators()
+    x = torch.ones(1, 1, 2, 2)
+    torch.testing.assert_close(op.project(torch.zeros_like(x), -x), x)
