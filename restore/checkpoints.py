@@ -1,0 +1,197 @@
+"""Model checkpoints: safetensors weights + JSON metadata, bundled models, safe loading of upstream files.
+
+File format ``bcm-restore/1``: a safetensors file holding the UNet state dict (official ADM/BCM key
+names, bcm.md §7) and string metadata
+
+    format   "bcm-restore/1"
+    wrapper  registered wrapper name ("edm", "cm", "bcm", ...), see `register_wrapper`
+    unet     JSON of the `UNetConfig`
+    sigma_min, sigma_max, sigma_data   the wrapper's noise-level constants
+    dtype    storage dtype of the floating-point tensors ("float32", "float16", ...)
+    card     optional JSON model card (free-form dict: data, training, metrics, licence)
+
+Nothing is ever unpickled: safetensors files are read with ``safetensors.torch.load_file`` and
+upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from restore.networks import UNet, UNetConfig
+
+FORMAT = "bcm-restore/1"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+_WRAPPERS: dict[str, type[nn.Module]] = {}
+
+
+def register_wrapper(name: str, cls: type[nn.Module]) -> type[nn.Module]:
+    """Make ``cls`` loadable under ``name``; it is rebuilt as ``cls(net, sigma_min=, sigma_max=, sigma_data=)``."""
+    if _WRAPPERS.get(name, cls) is not cls:
+        raise ValueError(f"wrapper name {name!r} is already registered to {_WRAPPERS[name].__qualname__}")
+    _WRAPPERS[name] = cls
+    return cls
+
+
+def get_wrapper(name: str) -> type[nn.Module]:
+    """The wrapper class registered as ``name`` (imports `restore.models`, which registers the built-in ones)."""
+    if name not in _WRAPPERS:
+        importlib.import_module("restore.models")
+    if name not in _WRAPPERS:
+        raise ValueError(f"unknown model wrapper {name!r}; registered: {sorted(_WRAPPERS)}")
+    return _WRAPPERS[name]
+
+
+def wrapper_name(model: nn.Module) -> str:
+    for name, cls in _WRAPPERS.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__qualname__} is not a registered wrapper (see register_wrapper); "
+                     f"registered: {sorted(_WRAPPERS)}")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A checkpoint shipped in ``restore/weights/``."""
+
+    filename: str
+    description: str
+    purpose: str
+
+
+# Checkpoints shipped with the package, by name (`load_model(name)`, `restore models`).
+# To add one: put ``<file>.safetensors`` (written by `save_model`, with a card) in restore/weights/
+# and add an entry here; see restore/weights/README.md.
+BUNDLED_MODELS: dict[str, BundledModel] = {}
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Bundled models: name, file, description, purpose and whether the file is present."""
+    return [
+        {"name": name, "filename": m.filename, "description": m.description, "purpose": m.purpose,
+         "available": (WEIGHTS_DIR / m.filename).is_file()}
+        for name, m in sorted(BUNDLED_MODELS.items())
+    ]
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A checkpoint path from a file path or a bundled model name; ValueError listing the names otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if str(name_or_path) in BUNDLED_MODELS:
+        bundled = WEIGHTS_DIR / BUNDLED_MODELS[str(name_or_path)].filename
+        if not bundled.is_file():
+            raise ValueError(f"bundled model {name_or_path!r} is listed but its file {bundled} is missing")
+        return bundled
+    known = ", ".join(sorted(BUNDLED_MODELS)) or "(none bundled)"
+    raise ValueError(f"{str(name_or_path)!r} is neither a checkpoint file nor a bundled model; bundled models: {known}")
+
+
+def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
+               card: dict[str, Any] | None = None) -> Path:
+    """Write a registered wrapper (its ``.net`` UNet and sigma constants) as a ``bcm-restore/1`` safetensors file.
+
+    ``dtype`` (e.g. ``torch.float16``) converts floating-point tensors for storage; `load_model`
+    converts back to the requested dtype. ``card`` is an optional JSON-serialisable model card.
+    """
+    name = wrapper_name(model)
+    net = model.net
+    if not isinstance(net, UNet):
+        raise ValueError(f"model.net must be a UNet, got {type(net).__qualname__}")
+    tensors = {}
+    for key, t in net.state_dict().items():
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[key] = t.contiguous()  # channels_last parameters are stored in standard layout
+    stored = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+    metadata = {
+        "format": FORMAT,
+        "wrapper": name,
+        "unet": json.dumps(net.config.to_dict()),
+        "sigma_min": repr(float(model.sigma_min)),
+        "sigma_max": repr(float(model.sigma_max)),
+        "sigma_data": repr(float(model.sigma_data)),
+        "dtype": ",".join(sorted(stored)),
+    }
+    if card is not None:
+        metadata["card"] = json.dumps(card)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a crash never leaves a truncated checkpoint
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
+    """Decoded metadata of a checkpoint (no tensors read): wrapper, unet (dict), sigma_*, dtype, card."""
+    path = resolve_model_path(name_or_path)
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={raw.get('format')!r}); "
+                         "convert upstream checkpoints with `restore convert`")
+    meta: dict[str, Any] = {"format": FORMAT, "wrapper": raw["wrapper"], "unet": json.loads(raw["unet"]),
+                            "dtype": raw.get("dtype", "")}
+    for key in ("sigma_min", "sigma_max", "sigma_data"):
+        meta[key] = float(raw[key])
+    meta["card"] = json.loads(raw["card"]) if "card" in raw else None
+    return meta
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a ``bcm-restore/1`` checkpoint (path or bundled name) as its registered wrapper, in eval mode.
+
+    The UNet is built on the meta device and takes the file's tensors directly (no double allocation);
+    keys must match exactly. The model card, if any, is attached as ``model.card``.
+    """
+    path = resolve_model_path(name_or_path)
+    meta = read_metadata(path)
+    cls = get_wrapper(meta["wrapper"])
+    with torch.device("meta"):
+        net = UNet(UNetConfig.from_dict(meta["unet"]))
+    net.load_state_dict(load_file(str(path), device=str(torch.device(device))), strict=True, assign=True)
+    net = net.to(dtype=dtype)
+    model = cls(net, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], sigma_data=meta["sigma_data"])
+    model.card = meta["card"]
+    return model.eval()
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` state dict from an untrusted ``.pt``/``.pth`` (or ``.safetensors``) file.
+
+    ``.pt`` files go through ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects;
+    the result must be a mapping of names to tensors (the official BCM/iCT format, bcm.md §7).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (found {found.group(1)})" if found else ""
+        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors and plain "
+                         f"containers{what}; this tool never unpickles code") from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ValueError(f"{path} is not a flat state dict of tensors (got {type(obj).__name__}); "
+                         "expected the official un-prefixed UNet state dict")
+    return obj

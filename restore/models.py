@@ -1,0 +1,188 @@
+"""Model wrappers: a raw network F plus the preconditioning that turns it into a denoiser,
+a consistency model or a bidirectional consistency model.
+
+Every wrapper is an ``nn.Module`` holding ``.net``, the constants ``sigma_min``, ``sigma_max`` and
+``sigma_data``, and ``.counter`` (`restore.nfe.NFECounter`), incremented on every network call.
+The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, cond=None)`` whose
+noise labels are already transformed: the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
+label ``1000 * 0.25 * ln(sigma)``, bcm.md §1.2); ``noise_u`` is passed only by `BCM`.
+
+Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
+Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
+``autocast_dtype`` (e.g. ``torch.bfloat16``) only the network runs under autocast, and its output
+is cast back before the skip connection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from restore.checkpoints import register_wrapper
+from restore.nfe import NFECounter
+
+SIGMA_DATA = 0.5
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton dimensions so that ``v`` broadcasts against an ``ndim`` tensor."""
+    if v.ndim > ndim:
+        raise ValueError(f"cannot broadcast a {v.ndim}-d tensor to {ndim} dimensions")
+    return v.reshape(*v.shape, *(1,) * (ndim - v.ndim))
+
+
+def noise_label(sigma: torch.Tensor) -> torch.Tensor:
+    """Network noise label ``c_noise = 250 ln(sigma)`` (ADM/CM time embedding input, bcm.md §1.2)."""
+    return 250.0 * torch.log(sigma)
+
+
+def sigma_from_label(label: torch.Tensor) -> torch.Tensor:
+    """Inverse of `noise_label`."""
+    return torch.exp(label / 250.0)
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA):
+    """EDM preconditioning (Karras et al. 2022, Table 1, "Ours"): returns ``(c_skip, c_out, c_in)``.
+
+    c_skip = sd^2/(sigma^2+sd^2), c_out = sigma*sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2).
+    """
+    sd2 = sigma_data**2
+    den = sigma * sigma + sd2
+    return sd2 / den, sigma * sigma_data / den.sqrt(), den.rsqrt()
+
+
+def cm_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN):
+    """Consistency-model boundary-condition scalings (Song et al. 2023, Appendix C; iCT):
+    ``(c_skip, c_out, c_in)`` with c_skip = sd^2/((t-smin)^2+sd^2), c_out = (t-smin)*sd/sqrt(t^2+sd^2),
+    c_in = 1/sqrt(t^2+sd^2), so f(x, sigma_min) = x exactly.
+    """
+    sd2 = sigma_data**2
+    den = t * t + sd2
+    return sd2 / ((t - sigma_min) ** 2 + sd2), (t - sigma_min) * sigma_data / den.sqrt(), den.rsqrt()
+
+
+def bcm_scalings(t: torch.Tensor, u: torch.Tensor, sigma_data: float = SIGMA_DATA):
+    """BCM scalings (Li & He 2024, official `get_scalings_for_bcm`; bcm.md §1.3): ``(c_skip, c_out, c_in)``
+    with c_skip = (t*u+sd^2)/(t^2+sd^2), c_out = (t-u)*sd/sqrt(t^2+sd^2), c_in = 1/sqrt(t^2+sd^2).
+
+    One formula for u < t and u > t; at u = t the numerator and denominator of c_skip are the same
+    floating-point expression and c_out = 0, so f(x, t, t) = x exactly.
+    """
+    sd2 = sigma_data**2
+    den = t * t + sd2
+    return (t * u + sd2) / den, (t - u) * sigma_data / den.sqrt(), den.rsqrt()
+
+
+class _PreconditionedModel(nn.Module):
+    """Shared machinery: constants, noise-level broadcasting, counted and autocast network calls."""
+
+    kind: str = ""  # registry name used by restore.checkpoints
+    bidirectional = False
+
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.autocast_dtype = autocast_dtype
+        self.counter = NFECounter()
+
+    def extra_repr(self) -> str:
+        return (f"sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+                f"autocast_dtype={self.autocast_dtype}")
+
+    @staticmethod
+    def _prepare(x: torch.Tensor, *levels) -> tuple[torch.Tensor, ...]:
+        """Cast x to >= float32 and each noise level to a (B,) tensor of the same dtype/device."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
+        out = [x]
+        for v in levels:
+            v = torch.as_tensor(v, dtype=dtype, device=x.device)
+            if v.ndim == 0:
+                v = v.expand(x.shape[0])
+            elif v.shape != (x.shape[0],):
+                raise ValueError(f"noise level must be a scalar or have shape ({x.shape[0]},), got {tuple(v.shape)}")
+            out.append(v)
+        return tuple(out)
+
+    def _net_dtype(self) -> torch.dtype | None:
+        p = next((p for p in self.net.parameters() if p.is_floating_point()), None)
+        return None if p is None else p.dtype
+
+    def _run_net(self, x_in: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None, cond: dict) -> torch.Tensor:
+        """F(c_in x, 250 ln t [, 250 ln u], **cond), counted; returned in x_in's dtype."""
+        kwargs = dict(cond)
+        if u is not None:
+            kwargs["noise_u"] = noise_label(u)
+        inp = x_in
+        if self.autocast_dtype is None:
+            # A network stored in half precision gets its input in its own dtype (autocast does this otherwise).
+            net_dtype = self._net_dtype()
+            if net_dtype is not None and net_dtype != x_in.dtype:
+                inp = x_in.to(net_dtype)
+        with torch.autocast(x_in.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            out = self.net(inp, noise_label(t), **kwargs)
+        return self.counter.record(out).to(x_in.dtype)
+
+
+class EDMDenoiser(_PreconditionedModel):
+    """EDM-preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022,
+    Eq. 7 and Table 1), with the ADM-style label c_noise = 250 ln sigma. ``model(x, sigma, **cond) -> x0_hat``.
+    """
+
+    kind = "edm"
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        x, sigma = self._prepare(x, sigma)
+        c_skip, c_out, c_in = edm_scalings(append_dims(sigma, x.ndim), self.sigma_data)
+        return c_skip * x + c_out * self._run_net(c_in * x, sigma, None, cond)
+
+
+class ConsistencyModel(_PreconditionedModel):
+    """Consistency model f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, 250 ln t) (Song et al. 2023, Eq. 5 and
+    Appendix C; iCT). ``model.jump(x, t, u=None)`` only supports u = sigma_min; ``model(x, sigma)`` is that jump.
+    """
+
+    kind = "cm"
+
+    def jump(self, x: torch.Tensor, t, u=None, **cond) -> torch.Tensor:
+        if u is not None and not torch.allclose(torch.as_tensor(u, dtype=torch.float64).cpu(),
+                                                torch.tensor(self.sigma_min, dtype=torch.float64), rtol=1e-6, atol=0):
+            raise ValueError(f"a consistency model only maps to u = sigma_min = {self.sigma_min}; "
+                             "use a BCM for other target noise levels")
+        x, t = self._prepare(x, t)
+        c_skip, c_out, c_in = cm_scalings(append_dims(t, x.ndim), self.sigma_data, self.sigma_min)
+        return c_skip * x + c_out * self._run_net(c_in * x, t, None, cond)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        return self.jump(x, sigma, **cond)
+
+
+class BCM(_PreconditionedModel):
+    """Bidirectional consistency model f(x_t, t, u) = c_skip(t,u) x_t + c_out(t,u) F(c_in(t) x_t, 250 ln t,
+    250 ln u) (Li & He 2024; bcm.md §1.3). ``model.jump(x, t, u)`` moves along the PF ODE from noise level t
+    to u, down (u < t, generation) or up (u > t, inversion); ``model(x, sigma)`` = jump to sigma_min.
+    """
+
+    kind = "bcm"
+    bidirectional = True
+
+    def jump(self, x: torch.Tensor, t, u, **cond) -> torch.Tensor:
+        x, t, u = self._prepare(x, t, u)
+        c_skip, c_out, c_in = bcm_scalings(append_dims(t, x.ndim), append_dims(u, x.ndim), self.sigma_data)
+        return c_skip * x + c_out * self._run_net(c_in * x, t, u, cond)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        return self.jump(x, sigma, self.sigma_min, **cond)
+
+
+for _cls in (EDMDenoiser, ConsistencyModel, BCM):
+    register_wrapper(_cls.kind, _cls)
