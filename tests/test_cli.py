@@ -1,0 +1,55 @@
+"""Command-line skeletons: help texts, `restore models`, `restore convert` and its one-line user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.cli import main as bench_main
+from restore.checkpoints import load_model
+from restore.cli import main as restore_main
+from restore.models import BCM
+from restore.networks import UNet, UNetConfig
+from training.cli import main as train_main
+
+
+@pytest.mark.parametrize("cli", [restore_main, bench_main, train_main])
+def test_help_shows_an_example(cli):
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def test_models_json_is_a_list():
+    result = CliRunner().invoke(restore_main, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list)
+    assert all({"name", "purpose", "available"} <= set(row) for row in rows)
+
+
+def test_convert_round_trip_and_user_errors(tmp_path):
+    config = UNetConfig.preset("cifar-tiny", img_resolution=16, attention_resolutions=(8,), bidirectional=True)
+    state = UNet(config).state_dict()
+    torch.save(state, tmp_path / "official.pt")
+    args = ["convert", str(tmp_path / "official.pt"), str(tmp_path / "bcm.safetensors"), "--from", "bcm-ict",
+            "--resolution", "16", "--head-channels", "32", "--fp16"]
+    runner = CliRunner()
+    result = runner.invoke(restore_main, args)
+    assert result.exit_code == 0, result.output
+    model = load_model(tmp_path / "bcm.safetensors")
+    assert isinstance(model, BCM) and model.net.config.bidirectional
+    for key, value in model.net.state_dict().items():  # dropout is not in the weights: compare those
+        torch.testing.assert_close(value, state[key].half().float())
+
+    again = runner.invoke(restore_main, args)  # refuses to overwrite
+    assert again.exit_code != 0 and "exists; pass --force" in again.output
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    bad = runner.invoke(restore_main, ["convert", str(tmp_path / "junk.pt"), str(tmp_path / "x.safetensors"),
+                                       "--from", "bcm-ict"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error:") and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,307 @@
+"""`restore-train` command line: train BCMs (BCT), consistency models (iCT) and EDM diffusion priors.
+
+Every subcommand is the shared option set (:func:`_common_options`) plus a ``build(opts, shape) -> (model,
+loss)`` function; adding a model family is one such function and one decorated command.
+
+Re-running a command with the same ``--out`` continues the run; options not given on the command line are
+then taken from the run's stored options (so ``--out DIR --steps N`` extends a run), and ``--resume DIR`` is
+the same with ``--out DIR``. Progress goes to stderr; a one-line JSON summary goes to stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import click
+import torch
+from click.core import ParameterSource
+
+from restore.checkpoints import load_model
+from restore.models import BCM, ConsistencyModel, EDMDenoiser
+from restore.networks.unet import UNet, UNetConfig
+from training.data import DATASETS, ImageData, load_npz, resolve_data_path
+from training.finetune import bcm_from_cm
+from training.loop import TrainConfig, train
+from training.losses import BCTLoss, EDMLoss, ICTLoss
+
+# Options describing where/how long/how to run, never stored as part of the run's identity.
+_NOT_STORED = {"resume", "out", "chunk", "time_limit", "progress", "device"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Train the models of the toolkit (BCM, consistency model, EDM prior) on an image set.
+
+    \b
+    Examples:
+      restore-train bcm --data cifar10 --out runs/bcm --preset cifar-small --steps 20000 --batch 128 --bf16
+      restore-train bcm --out runs/bcm --steps 40000          # continue / extend the same run
+      torchrun --nproc_per_node 2 -m training edm --data cifar10 --out runs/edm --steps 1000
+    """
+
+
+def _common_options(*, lr: float, optimizer: str):
+    """The options every subcommand shares; ``lr``/``optimizer`` are the family's defaults."""
+    options = [
+        click.option("--data", default="cifar10", show_default=True, metavar="NAME|NPZ",
+                     help=f"Training images: a dataset name ({', '.join(DATASETS)}; looked up in $BCM_RESTORE_DATA "
+                          "or ../shared/data) or an .npz file with uint8 NHWC array 'x'."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Run directory (created; an existing run there is continued)."),
+        click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
+                     help="Continue the run in DIR with its stored options (same as --out DIR)."),
+        click.option("--preset", default="cifar-small", show_default=True, metavar="NAME",
+                     help="UNet preset (restore.networks.unet.UNetConfig.preset); resolution/channels follow the data."),
+        click.option("--init", metavar="NAME|PATH",
+                     help="Start from this checkpoint instead of a random network (bcm: also a CM checkpoint, "
+                          "fine-tuned as in BCF with the identity u-path)."),
+        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), metavar="P",
+                     help="Dropout everywhere (overrides the preset/checkpoint value)."),
+        click.option("--steps", type=click.IntRange(min=1), default=20_000, show_default=True,
+                     help="Total optimiser steps of the run."),
+        click.option("--images", type=click.IntRange(min=1), metavar="N",
+                     help="Total training images instead of --steps (steps = ceil(N / batch))."),
+        click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Global batch size (split over torchrun processes)."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
+                     help="Learning rate."),
+        click.option("--optimizer", type=click.Choice(["adam", "radam"]), default=optimizer, show_default=True,
+                     help="Optimizer."),
+        click.option("--lr-warmup", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Linear learning-rate warm-up in steps."),
+        click.option("--grad-clip", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Clip the global gradient norm to this value (0 = off)."),
+        click.option("--ema", "ema_rate", type=click.FloatRange(0, 1, max_open=True), default=0.9999,
+                     show_default=True, help="Decay of the evaluation EMA (the saved model)."),
+        click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
+                     help="Use decay min(ema, (1+k)/(10+k)) at step k."),
+        click.option("--xflip/--no-xflip", default=True, show_default=True, help="Random horizontal flips."),
+        click.option("--bf16", is_flag=True, help="bf16 autocast for the network (the big CPU lever)."),
+        click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+                     help="channels_last memory format for the network."),
+        click.option("--compile", is_flag=True, help="torch.compile the network (GPU option; slower on CPU)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, data order and noise."),
+        click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Save the state and an EMA snapshot every N steps."),
+        click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="Write a log.jsonl line every N steps."),
+        click.option("--limit-images", type=click.IntRange(min=1), metavar="N",
+                     help="Train on the first N images only."),
+        click.option("--chunk", type=click.IntRange(min=1), metavar="N",
+                     help="Stop after N steps in this invocation (re-run to continue)."),
+        click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
+                     help="Stop (and save) after this many minutes; re-run to continue."),
+        click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1, …"),
+        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _consistency_options(*, p_mean: float, p_std: float):
+    options = [
+        click.option("--s0", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Curriculum: initial number of discretisation intervals."),
+        click.option("--s1", type=click.IntRange(min=1), default=1280, show_default=True,
+                     help="Curriculum: final number of discretisation intervals."),
+        click.option("--curriculum-steps", type=click.IntRange(min=1), metavar="K", show_default="--steps",
+                     help="Curriculum length K (N doubles every K/(log2(s1/s0)+1) steps)."),
+        click.option("--fixed-scales", type=click.IntRange(min=2), metavar="N",
+                     show_default="320 with --init (BCF), else the curriculum",
+                     help="Fixed number of intervals instead of the curriculum."),
+        click.option("--huber-c", type=click.FloatRange(0, min_open=True), metavar="C",
+                     show_default="0.00054*sqrt(C*H*W)", help="Pseudo-Huber constant."),
+        click.option("--p-mean", type=float, default=p_mean, show_default=True, help="Lognormal pair sampling: mean of ln t."),
+        click.option("--p-std", type=click.FloatRange(0, min_open=True), default=p_std, show_default=True,
+                     help="Lognormal pair sampling: std of ln t."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+# --------------------------------------------------------------------------------------------- model building
+
+def _net_config(opts: dict, shape: tuple[int, int, int], bidirectional: bool) -> UNetConfig:
+    c, h, w = shape
+    if h != w:
+        raise ValueError(f"square images expected, got {h}x{w}")
+    changes = dict(img_resolution=h, in_channels=c, out_channels=c, bidirectional=bidirectional)
+    if opts["dropout"] is not None:
+        changes.update(dropout=opts["dropout"], dropout_lowres=None)
+    return dataclasses.replace(UNetConfig.preset(opts["preset"]), **changes)
+
+
+def _new_net(config: UNetConfig, seed: int) -> UNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(config)
+
+
+def _from_checkpoint(opts: dict, shape, wrapper_types: tuple[type, ...]):
+    model = load_model(opts["init"])
+    if not isinstance(model, wrapper_types):
+        names = " or ".join(t.__name__ for t in wrapper_types)
+        raise ValueError(f"--init {opts['init']}: a {type(model).__name__} checkpoint, this command needs {names}")
+    cfg = model.net.config
+    if (cfg.in_channels, cfg.img_resolution, cfg.img_resolution) != tuple(shape):
+        raise ValueError(f"--init {opts['init']}: network is for {cfg.in_channels}x{cfg.img_resolution}^2 images, "
+                         f"data are {'x'.join(map(str, shape))}")
+    if opts["dropout"] is not None:
+        net = UNet(dataclasses.replace(cfg, dropout=opts["dropout"], dropout_lowres=None))
+        net.load_state_dict(model.net.state_dict())
+        model = type(model)(net, sigma_data=model.sigma_data, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    return model
+
+
+def _consistency_loss(cls, opts: dict):
+    return cls(total_steps=opts["curriculum_steps"], s0=opts["s0"], s1=opts["s1"], fixed_scales=opts["fixed_scales"],
+               huber_c=opts["huber_c"], p_mean=opts["p_mean"], p_std=opts["p_std"])
+
+
+def _build_bcm(opts: dict, shape):
+    if opts["init"]:
+        model = _from_checkpoint(opts, shape, (BCM, ConsistencyModel))
+        if isinstance(model, ConsistencyModel):
+            model = bcm_from_cm(model)
+    else:
+        model = BCM(_new_net(_net_config(opts, shape, bidirectional=True), opts["seed"]))
+    return model, _consistency_loss(BCTLoss, opts)
+
+
+def _build_ct(opts: dict, shape):
+    if opts["init"]:
+        model = _from_checkpoint(opts, shape, (ConsistencyModel,))
+    else:
+        model = ConsistencyModel(_new_net(_net_config(opts, shape, bidirectional=False), opts["seed"]))
+    return model, _consistency_loss(ICTLoss, opts)
+
+
+def _build_edm(opts: dict, shape):
+    if opts["init"]:
+        model = _from_checkpoint(opts, shape, (EDMDenoiser,))
+    else:
+        model = EDMDenoiser(_new_net(_net_config(opts, shape, bidirectional=False), opts["seed"]))
+    return model, EDMLoss(p_mean=opts["p_mean"], p_std=opts["p_std"])
+
+
+# --------------------------------------------------------------------------------------------- running
+
+def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
+    """Merge with the stored options of an existing run and fill the derived defaults."""
+    if opts["resume"] is not None:
+        if opts["out"] is not None and Path(opts["out"]).resolve() != Path(opts["resume"]).resolve():
+            raise click.UsageError("--out and --resume name different directories")
+        opts["out"] = opts["resume"]
+    if opts["out"] is None:
+        raise click.UsageError("missing --out DIR (or --resume DIR)")
+    stored_path = Path(opts["out"]) / "config.json"
+    if stored_path.is_file():
+        stored = json.loads(stored_path.read_text()).get("cli")
+        if stored is not None:
+            if stored["command"] != command:
+                raise click.ClickException(f"{opts['out']} is a '{stored['command']}' run, not '{command}'")
+            explicit = {k for k in opts if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
+                                                                           ParameterSource.ENVIRONMENT)}
+            if "images" in explicit:
+                explicit.add("steps")
+            opts = {**opts, **{k: v for k, v in stored["options"].items() if k in opts and k not in explicit}}
+    elif opts["resume"] is not None:
+        raise click.ClickException(f"{opts['resume']} holds no run (no config.json)")
+    if opts["images"] is not None:
+        if ctx.get_parameter_source("steps") == ParameterSource.COMMANDLINE:
+            raise click.UsageError("give --steps or --images, not both")
+        opts["steps"] = math.ceil(opts["images"] / opts["batch"])
+        opts["images"] = None
+    if "curriculum_steps" in opts:
+        opts["curriculum_steps"] = opts["curriculum_steps"] or opts["steps"]
+        if opts["fixed_scales"] is None and opts["init"]:
+            opts["fixed_scales"] = 320
+    return opts
+
+
+def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
+    opts = _resolve(ctx, command, opts)
+    try:
+        images = load_npz(resolve_data_path(opts["data"]), opts["limit_images"])
+        data = ImageData(images)
+        model, loss = build(opts, data.shape)
+        config = TrainConfig(
+            steps=opts["steps"], batch=opts["batch"], lr=opts["lr"], optimizer=opts["optimizer"],
+            grad_clip=opts["grad_clip"], lr_warmup=opts["lr_warmup"], ema_rate=opts["ema_rate"],
+            ema_warmup=opts["ema_warmup"], xflip=opts["xflip"], seed=opts["seed"], bf16=opts["bf16"],
+            channels_last=opts["channels_last"], compile=opts["compile"], ckpt_every=opts["ckpt_every"],
+            log_every=opts["log_every"])
+        stored = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items() if k not in _NOT_STORED}
+        result = train(model, loss, data, config, opts["out"], meta={"cli": {"command": command, "options": stored}},
+                       max_steps=opts["chunk"],
+                       time_limit=None if opts["time_limit"] is None else 60 * opts["time_limit"],
+                       device=None if opts["device"] == "auto" else opts["device"], progress=opts["progress"])
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "images": result.images,
+                           "finished": result.finished, "model": str(Path(result.run_dir) / "ema.safetensors")}))
+
+
+@main.command()
+@click.pass_context
+@_common_options(lr=1e-4, optimizer="radam")
+@_consistency_options(p_mean=-1.1, p_std=2.0)
+def bcm(ctx, **opts):
+    """Bidirectional consistency training (BCT, Li & He 2024) of a BCM.
+
+    From scratch with the iCT curriculum, or fine-tuned from a consistency model with --init (BCF: u-path
+    initialised to the identity, N fixed at 320 intervals).
+
+    \b
+    Examples:
+      restore-train bcm --data cifar10 --out runs/bcm --preset cifar-small --steps 20000 --batch 128 --bf16
+      restore-train bcm --data cifar10 --out runs/bcf --init runs/ct/ema.safetensors --steps 5000
+    """
+    _run(ctx, "bcm", opts, _build_bcm)
+
+
+@main.command()
+@click.pass_context
+@_common_options(lr=1e-4, optimizer="radam")
+@_consistency_options(p_mean=-1.1, p_std=2.0)
+def ct(ctx, **opts):
+    """Improved consistency training (iCT, Song & Dhariwal 2023) of a consistency model (the CM baseline).
+
+    \b
+    Example:
+      restore-train ct --data cifar10 --out runs/ct --preset cifar-small --steps 20000 --batch 128 --bf16
+    """
+    _run(ctx, "ct", opts, _build_ct)
+
+
+@main.command()
+@click.pass_context
+@_common_options(lr=2e-4, optimizer="adam")
+@click.option("--p-mean", type=float, default=-1.2, show_default=True, help="Noise sampling: mean of ln sigma.")
+@click.option("--p-std", type=click.FloatRange(0, min_open=True), default=1.2, show_default=True,
+              help="Noise sampling: std of ln sigma.")
+def edm(ctx, **opts):
+    """EDM denoiser training (Karras et al. 2022): the diffusion prior for inversion and DPS-style methods.
+
+    \b
+    Example:
+      restore-train edm --data cifar10 --out runs/edm --preset cifar-small --steps 20000 --batch 128 --bf16
+    """
+    _run(ctx, "edm", opts, _build_edm)
+
+
+if __name__ == "__main__":
+    main()
