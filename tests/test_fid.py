@@ -243,4 +243,5 @@ def test_fid_cifar10_train_vs_test_reproduces_torch_fidelity(weights, tmp_path):
     with np.load(shared_file("cifar10_test.npz"), allow_pickle=False) as f:
         test = f["x"][:5000]
     out = fid.compute_fid_kid(train, test, cache=tmp_path, weights_path=weights)
+    print(f"FID(train[:5000], test[:5000]) = {out['fid']:.5f}, KID = {out['kid']:.6f}")
     assert out["fid"] == pytest.approx(10.32333, abs=0.02)

@@ -1,0 +1,154 @@
+"""Generation and inversion quality of an unconditional model: FID/KID vs NFE, inversion MSE vs NFE, grids.
+
+The protocols of the BCM paper (Li & He 2024; bcm.md §3, §4, §6), at any sample count:
+
+* Generation: image ``k`` starts from x_T = sigma_max z_k, with z_k drawn from the generator seeded by
+  ``(seed, k)`` (`operators.utils.image_seed`), so samples do not depend on the batch size. BCMs use the
+  paper's chains (one-step, ancestral, zigzag, mixed for NFE 1-4, `restore.sampling.sample_bcm`);
+  consistency models CM multistep sampling on Karras levels; EDM denoisers the Heun sampler
+  (NFE = 2 steps - 1). FID/KID against a reference set go through `benchmarks.fid`.
+* Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.inversion`); the error is
+  `restore.inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
+  (0.07, 15, 80) for 1 and 2 NFE (the paper's), Karras-spaced levels between 0.07 and 80 beyond that (our
+  choice; the paper gives no levels). EDM models integrate the ODE up and down with Heun steps on the
+  same Karras levels.
+
+The reported NFE is counted (`restore.nfe`), per image.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from operators.utils import make_generators, randn, to_uint8
+from restore.inversion import bcm_reconstruct, inversion_mse
+from restore.models import BCM, ConsistencyModel, EDMDenoiser
+from restore.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
+from restore.schedules import karras_sigmas
+
+INVERSION_NOISE = 0.07  # the small-noise trick of bcm.md §4
+PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
+
+
+def inversion_levels(nfe: int, sigma_max: float = 80.0, start: float = INVERSION_NOISE) -> tuple[float, ...]:
+    """Ascending levels of an ``nfe``-jump BCM inversion (the paper's for 1-2 NFE, Karras-spaced beyond)."""
+    if nfe < 1:
+        raise ValueError(f"inversion NFE must be >= 1, got {nfe}")
+    if nfe in PAPER_INVERSION_LEVELS and sigma_max == 80.0 and start == INVERSION_NOISE:
+        return PAPER_INVERSION_LEVELS[nfe]
+    return tuple(karras_sigmas(nfe + 1, start, sigma_max, append_zero=False).flip(0).tolist())
+
+
+def _heun_steps(nfe: int) -> int:
+    if nfe < 1 or nfe % 2 == 0:
+        raise ValueError(f"the EDM Heun sampler costs 2 steps - 1 NFE (odd), got NFE {nfe}")
+    return (nfe + 1) // 2
+
+
+def _sample(model, x_T: torch.Tensor, nfe: int, generators) -> torch.Tensor:
+    if isinstance(model, BCM):
+        return sample_bcm(model, x_T, nfe, generator=generators)
+    if isinstance(model, ConsistencyModel):
+        levels = karras_sigmas(nfe, model.sigma_min, model.sigma_max, append_zero=False).tolist()
+        return sample_cm_multistep(model, x_T, levels, generator=generators)
+    if isinstance(model, EDMDenoiser):
+        sigmas = karras_sigmas(_heun_steps(nfe), model.sigma_min, model.sigma_max)
+        return sample_heun(model, x_T, sigmas)
+    raise TypeError(f"no sampler for {type(model).__name__}")
+
+
+def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
+             image_shape: tuple[int, int, int] | None = None, device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
+    """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image."""
+    shape = image_shape or (model.net.config.out_channels, model.net.config.img_resolution,
+                            model.net.config.img_resolution)
+    out, forward = [], 0
+    with torch.inference_mode(), model.counter.counting() as tally:
+        for start in range(0, n, batch_size):
+            ids = range(start, min(n, start + batch_size))
+            gens = make_generators(seed, ids, device)
+            x_T = model.sigma_max * randn((len(ids), *shape), gens, device=device)
+            out.append(to_uint8(_sample(model, x_T, nfe, gens)).cpu())
+            forward = tally.forward
+    return torch.cat(out), forward / math.ceil(n / batch_size)
+
+
+def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None) -> torch.Tensor:
+    """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them.
+
+    BCM: ``nfe`` jumps up and one down (bcm.md §4). EDM: ``nfe`` must be even; ``nfe / 2`` Heun steps up
+    and the same levels back down.
+    """
+    ids = range(len(images)) if ids is None else ids
+    gens = make_generators(seed, ids, images.device)
+    if isinstance(model, BCM):
+        return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens)
+    if isinstance(model, EDMDenoiser):
+        if nfe < 2 or nfe % 2:
+            raise ValueError(f"EDM ODE inversion costs 2 NFE per Heun step (even), got {nfe}")
+        levels = karras_sigmas(nfe // 2 + 1, model.sigma_min, model.sigma_max, append_zero=False)
+        latent = edm_ode_invert(model, images, levels.flip(0))
+        return sample_heun(model, latent, levels)
+    raise TypeError(f"{type(model).__name__} cannot invert images")
+
+
+def _row(metric: str, value: float, nfe: float, seconds: float, **fields) -> dict:
+    return {"image_id": "*", "metric": metric, "value": float(value), "nfe": nfe, "seconds": seconds, **fields}
+
+
+def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Sequence[int], *, n: int = 1000, seed: int = 0,
+                        batch_size: int = 250, fid_cache=None) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """FID and KID of ``n`` samples per NFE against ``reference`` (an image set as `benchmarks.fid` takes it).
+    Returns rows
+    (``metric, value, nfe, seconds``; seconds = sampling time per image) and the samples per NFE."""
+    from benchmarks.fid import compute_fid_kid
+
+    rows, samples = [], {}
+    for nfe in nfes:
+        start = time.perf_counter()
+        x, counted = generate(model, n, nfe, seed=seed, batch_size=batch_size)
+        seconds = (time.perf_counter() - start) / n
+        scores = compute_fid_kid(x, reference, cache=fid_cache)
+        rows += [_row("fid", scores["fid"], counted, seconds, n=n),
+                 _row("kid", scores["kid"], counted, seconds, n=n)]
+        samples[nfe] = x
+    return rows, samples
+
+
+def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed: int = 0,
+                       batch_size: int = 250) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    """Per-image inversion MSE for each inversion NFE (rows with ``image_id`` = index); also the
+    reconstructions per NFE, in [-1, 1]."""
+    rows, recs = [], {}
+    for nfe in nfes:
+        parts = []
+        start = time.perf_counter()
+        with torch.inference_mode(), model.counter.counting() as tally:
+            for lo in range(0, len(images), batch_size):
+                batch = images[lo:lo + batch_size]
+                parts.append(reconstruct(model, batch, nfe, seed=seed, ids=range(lo, lo + len(batch))))
+        seconds = (time.perf_counter() - start) / len(images)
+        total = tally.forward / math.ceil(len(images) / batch_size)
+        recs[nfe] = torch.cat(parts)
+        mse = inversion_mse(images, recs[nfe])
+        rows += [{"image_id": str(i), "metric": "inversion_mse", "value": float(v), "nfe": total, "seconds": seconds}
+                 for i, v in enumerate(mse.tolist())]
+    return rows, recs
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
+    """Tile ``(N, C, H, W)`` images in [-1, 1] into one ``(C, H', W')`` image, row-major, ``pad`` white
+    pixels apart."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = images.new_ones((c, rows * (h + pad) + pad, nrow * (w + pad) + pad))
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[k]
+    return grid
