@@ -1,0 +1,96 @@
+"""The registry of restoration methods shared by `restore run`, Python users and the benchmark (DESIGN.md §4.3).
+
+A method is one function ``restore_<name>(model, y, op, *, nfe, generator=None, callback=None, **hparams)
+-> x_hat`` (images in [-1, 1]) registered with :func:`register_method`, which records what the CLI and
+the benchmark need to know about it: whether it is blind (never evaluates ``op``, only uses it to know the
+task), which operators it supports, which model wrapper it needs and its default NFE.
+
+Methods outside ``restore`` (the baselines, third-party packages) register the same way and are found
+through the entry-point group ``bcm_restore.methods``: every module listed there is imported the first
+time the registry is read, so ``restore`` never imports ``baselines`` (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any
+
+ENTRY_POINT_GROUP = "bcm_restore.methods"
+MODEL_KINDS = ("bcm", "cm", "edm", "palette", "i2sb", "none")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered restoration method and what callers need to know to run it."""
+
+    name: str
+    fn: Callable[..., Any]
+    blind: bool
+    operators: tuple[str, ...] | None  # operator names it supports; None: any operator
+    model: str  # the wrapper it needs: one of MODEL_KINDS ("none": needs no network)
+    default_nfe: int
+    description: str
+    needs_grad: bool = False  # uses autograd (DPS-style guidance): callers must not run it in inference_mode
+
+    def supports(self, op) -> bool:
+        """Whether the method handles operator ``op`` (by its registered name)."""
+        return self.operators is None or op.name in self.operators
+
+    def __call__(self, model, y, op, *, nfe: int | None = None, generator=None, callback=None, **hparams):
+        if not self.supports(op):
+            raise ValueError(f"method {self.name!r} does not support operator {op.name!r}; "
+                             f"it supports: {', '.join(self.operators)}")
+        nfe = self.default_nfe if nfe is None else nfe
+        return self.fn(model, y, op, nfe=nfe, generator=generator, callback=callback, **hparams)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "blind": self.blind, "operators": list(self.operators) if self.operators else "any",
+                "model": self.model, "default_nfe": self.default_nfe, "needs_grad": self.needs_grad,
+                "description": self.description}
+
+
+_METHODS: dict[str, Method] = {}
+_plugins_loaded = False
+
+
+def register_method(name: str, *, blind: bool, model: str, operators: tuple[str, ...] | None = None,
+                    default_nfe: int = 2, description: str | None = None, needs_grad: bool = False) -> Callable:
+    """Decorator registering ``fn`` as method ``name``; the description defaults to the docstring's first line."""
+    if model not in MODEL_KINDS:
+        raise ValueError(f"model must be one of {', '.join(MODEL_KINDS)}, got {model!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        if name in _METHODS and _METHODS[name].fn is not fn:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
+        text = description or (fn.__doc__ or "").strip().split("\n")[0]
+        _METHODS[name] = Method(name, fn, blind, tuple(operators) if operators else None, model, default_nfe, text,
+                                needs_grad)
+        return fn
+
+    return decorate
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        import_module(entry.value)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ValueError listing the registered names otherwise."""
+    _load_plugins()
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS)) or '(none)'}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Every registered method as a dict (name, blind, operators, model, default_nfe, description), by name."""
+    _load_plugins()
+    return [_METHODS[name].describe() for name in sorted(_METHODS)]
