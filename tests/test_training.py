@@ -7,6 +7,7 @@ PF-ODE flow map of Gaussian data (restore.oracles.GaussianFlow) for what BCT lea
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from restore.checkpoints import load_model
+from restore.checkpoints import load_model, read_metadata
 from restore.models import BCM, ConsistencyModel, EDMDenoiser
 from restore.networks.unet import UNet, UNetConfig
 from restore.oracles import GaussianFlow
@@ -365,3 +366,24 @@ def test_compiled_network_trains_like_eager(tmp_path):
                                                               log_every=1), tmp_path / str(compile_net), progress=False)
         curves.append([json.loads(line)["loss"] for line in (tmp_path / str(compile_net) / "log.jsonl").open()])
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_export_card_recipe_reproduces_the_run(tmp_path, npz):
+    """The card's recipe is the single source of truth: running it again gives the same weights, bit for bit."""
+    out = tmp_path / "run"
+    assert invoke("bcm", "--data", npz, "--out", out, "--preset", "cifar-tiny", "--steps", 3, "--batch", 4,
+                  "--no-progress", "--log-every", 1, "--no-xflip", "--time-limit", 5).exit_code == 0
+    (tmp_path / "metrics.json").write_text(json.dumps({"fid": {"1": 123.4}}))
+    result = invoke("export", out, tmp_path / "bcm.safetensors", "--fp32", "--metrics", tmp_path / "metrics.json")
+    assert result.exit_code == 0, result.output
+    card = read_metadata(tmp_path / "bcm.safetensors")["card"]
+    assert card["budget"]["steps"] == 3 and card["budget"]["images"] == 12 and card["budget"]["train_seconds"] > 0
+    assert card["metrics"] == {"fid": {"1": 123.4}}
+    words = shlex.split(card["recipe"])
+    assert words[:2] == ["restore-train", "bcm"] and "--time-limit" not in words and "--no-xflip" in words
+    again = tmp_path / "again"
+    assert invoke(*words[1:-2], "--out", again, "--no-progress").exit_code == 0
+    exported, rerun = load_model(tmp_path / "bcm.safetensors"), load_model(again / "ema.safetensors")
+    for key, value in exported.net.state_dict().items():
+        assert torch.equal(value, rerun.net.state_dict()[key]), key
+    assert invoke("export", tmp_path, tmp_path / "x.safetensors").exit_code == 1  # not a run: one-line error

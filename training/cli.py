@@ -303,5 +303,29 @@ def edm(ctx, **opts):
     _run(ctx, "edm", opts, _build_edm)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fp16/--fp32", default=True, show_default=True, help="Storage precision of the weights.")
+@click.option("--metrics", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="JSON file of evaluation results to put in the model card.")
+@click.option("--notes", help="Free text for the model card (limitations, intended use).")
+def export(run_dir: Path, dst: Path, fp16: bool, metrics: Path | None, notes: str | None) -> None:
+    """Write a run's EMA model as a checkpoint with a model card (recipe, budget, metrics).
+
+    \b
+    Example:
+      restore-train export runs/bcm restore/weights/bcm-cifar10.safetensors --metrics results/bcm-gen/summary.json
+    """
+    from training.export import export_run
+
+    try:
+        out = export_run(run_dir, dst, dtype=torch.float16 if fp16 else None,
+                         metrics=json.loads(metrics.read_text()) if metrics else None, notes=notes)
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(str(out))
+
+
 if __name__ == "__main__":
     main()

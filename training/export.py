@@ -1,0 +1,76 @@
+"""Export a training run as a shippable checkpoint with a model card (`restore-train export`).
+
+The card is derived from the run itself, so the training command stays the single source of truth:
+``recipe`` is the ``restore-train`` command line that reproduces the run (rebuilt from the options stored
+in its config.json), ``budget`` the steps, images seen and training time read from its log, and
+``metrics`` whatever evaluation results are passed in (e.g. `restore-bench generation`'s summary).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from restore.checkpoints import load_model, save_model
+
+
+def recipe_command(command: click.Command, name: str, options: dict[str, Any], out: str = "RUN_DIR") -> str:
+    """The ``restore-train`` command line that gives ``options`` (stored CLI options of a run)."""
+    words = ["restore-train", name]
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name not in options:
+            continue
+        value = options[param.name]
+        if value is None:
+            continue
+        if param.is_flag:
+            if value:
+                words.append(param.opts[0])
+            elif param.secondary_opts:
+                words.append(param.secondary_opts[0])
+            continue
+        words += [param.opts[0], str(value)]
+    return shlex.join(words + ["--out", out])
+
+
+def training_budget(run_dir: str | Path) -> dict[str, Any]:
+    """Steps, images seen and training seconds (from the log's per-window throughput) of a run."""
+    records = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{run_dir} has an empty log: nothing was trained")
+    seconds, previous = 0.0, 0
+    for r in records:
+        if r["images"] < previous:  # a restarted run re-logs from its last state; count each window once
+            previous = 0
+        seconds += (r["images"] - previous) / r["images_per_s"]
+        previous = r["images"]
+    last = records[-1]
+    return {"steps": last["step"], "images": last["images"], "train_seconds": round(seconds, 1),
+            "images_per_s": round(last["images"] / seconds, 2), "final_loss": last["loss"]}
+
+
+def export_run(run_dir: str | Path, dst: str | Path, *, dtype: torch.dtype | None = torch.float16,
+               metrics: dict | None = None, notes: str | None = None) -> Path:
+    """Write the run's EMA model to ``dst`` (safetensors, ``dtype`` storage) with a model card."""
+    from training.cli import main as cli
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    stored = config.get("cli")
+    if stored is None:
+        raise ValueError(f"{run_dir} was not trained with restore-train: no stored command to put in the card")
+    environment = config.get("environment", {})
+    card = {
+        "recipe": recipe_command(cli.commands[stored["command"]], stored["command"], stored["options"]),
+        "data": stored["options"].get("data"),
+        "budget": {**training_budget(run_dir), "host": environment.get("host"), "torch": environment.get("torch"),
+                   "git": environment.get("git")},
+        "metrics": metrics or {},
+        "notes": notes or "",
+    }
+    return save_model(load_model(run_dir / "ema.safetensors"), dst, dtype=dtype, card=card)
