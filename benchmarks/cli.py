@@ -47,7 +47,7 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
                nfes: list[int], inversion_nfes: list[int], seed: int, batch_size: int) -> None:
     """Generation and inversion quality of MODEL: FID/KID vs NFE, inversion MSE vs NFE, sample grids.
 
-    Writes results.csv (long format), summary.md and PNG grids to --out; prints the summary.
+    Writes results.csv (long format), summary.md / summary.json and PNG grids to --out; prints the summary.
 
     \b
     Example:
@@ -86,6 +86,9 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
                .pivot(index="nfe", columns="metric", values="value"))
     text = summary.to_markdown(floatfmt=".4g")
     (out / "summary.md").write_text(text + "\n")
+    # {metric: {nfe: mean}}: the form model cards take (`restore-train export --metrics`)
+    means = {m: {f"{k:g}": round(v, 6) for k, v in col.dropna().items()} for m, col in summary.items()}
+    (out / "summary.json").write_text(json.dumps({"n": n, "data": data, **means}, indent=1) + "\n")
     click.echo(text)
     click.echo(json.dumps({"out": str(out), "rows": len(frame)}), err=True)
 

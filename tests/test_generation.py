@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -95,5 +96,7 @@ def test_generation_command_end_to_end(tmp_path, monkeypatch, single_thread):
     assert list(fid.nfe) == [1, 2] and (fid.value > 0).all() and all(math.isfinite(v) for v in fid.value)
     inversion = frame[frame.metric == "inversion_mse"]
     assert len(inversion) == 6 and set(inversion.nfe) == {2}  # one jump up, one down
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["fid"]) == {"1", "2"} and set(summary["inversion_mse"]) == {"2"}
     for name in ("samples_nfe1.png", "samples_nfe2.png", "inversion.png", "summary.md"):
         assert (tmp_path / "out" / name).is_file()
