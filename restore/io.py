@@ -380,6 +380,11 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a UTF-8 text file (e.g. JSON) atomically."""
+    return _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def _refuse_protected(path: Path, protected: Iterable[str | os.PathLike]) -> None:
     target = path.resolve()
     if any(target == Path(p).resolve() for p in protected):

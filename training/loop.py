@@ -24,9 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from torch import nn
 
 from operators.utils import image_seed
 from restore.checkpoints import save_model
+from restore.environment import environment
 from training.data import ImageData, batch_indices
 from training.state import has_state, load_state, save_state
 
@@ -179,16 +177,6 @@ def _check_resume(old: dict, new: dict) -> None:
         raise ValueError("cannot resume, the run directory was trained with a different recipe: " + "; ".join(diffs))
 
 
-def _environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"torch": torch.__version__, "python": platform.python_version(), "git": commit,
-            "host": platform.node(), "argv": sys.argv}
-
-
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[config.optimizer]
     return cls(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
@@ -240,7 +228,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
     if world > 1:
         dist.barrier()  # every rank has read config.json before rank 0 rewrites it
     if is_main:
-        config_path.write_text(json.dumps({**described, "environment": _environment()}, indent=1))
+        config_path.write_text(json.dumps({**described, "environment": environment()}, indent=1))
 
     previous_autocast = model.autocast_dtype
     if config.bf16:
