@@ -110,7 +110,7 @@ def _probability_flow(model, x: torch.Tensor, sigmas, second_order: bool, callba
     return x
 
 
-def _check_monotone(sigmas, descending: bool) -> None:
+def check_monotone(sigmas, descending: bool) -> None:
     s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(s) < 2:
         raise ValueError("need at least two noise levels")
@@ -126,7 +126,7 @@ def sample_euler(model, x: torch.Tensor, sigmas, *, generator: Generator = None,
     """Deterministic Euler sampler for the EDM PF ODE (Karras et al. 2022, Algorithm 1 without the
     correction): one NFE per step. ``sigmas`` descending, e.g. `karras_sigmas(n)` ending in 0 (the last
     step then returns D(x; sigma_{n-1})) or ending at sigma_min (the output is the state at sigma_min)."""
-    _check_monotone(sigmas, descending=True)
+    check_monotone(sigmas, descending=True)
     return _probability_flow(model, x, sigmas, False, callback, extra_args)
 
 
@@ -135,7 +135,7 @@ def sample_heun(model, x: torch.Tensor, sigmas, *, generator: Generator = None, 
     """Deterministic Heun sampler (Karras et al. 2022, Algorithm 1; EDM's ``edm_sampler`` with S_churn = 0).
     With ``sigmas = karras_sigmas(n)`` (ending in 0) the last step is Euler, so NFE = 2n - 1; with sigmas
     ending at sigma_min every step is Heun (NFE = 2 (len(sigmas) - 1)) and the output is the state at sigma_min."""
-    _check_monotone(sigmas, descending=True)
+    check_monotone(sigmas, descending=True)
     return _probability_flow(model, x, sigmas, True, callback, extra_args)
 
 
@@ -150,5 +150,5 @@ def edm_ode_invert(model, x0: torch.Tensor, sigmas, *, method: str = "heun", gen
     """
     if method not in ("heun", "euler"):
         raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
-    _check_monotone(sigmas, descending=False)
+    check_monotone(sigmas, descending=False)
     return _probability_flow(model, x0, sigmas, method == "heun", callback, extra_args)
