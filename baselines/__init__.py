@@ -3,3 +3,5 @@
 Each is written against the same operator and model contracts as the BCM restorers in :mod:`restore`,
 so comparisons use the same data, backbone and NFE accounting.
 """
+
+from baselines import ddnm, ddrm, dps, pigdm  # noqa: F401 -- importing registers the methods
