@@ -18,6 +18,8 @@ def main() -> None:
 
     \b
     Examples:
+      restore run photos/ restored/ --operator jpeg:quality=10 --method bcm-jpeg --model bcm-imagenet64.safetensors
+      restore methods
       restore models
       restore convert ema_0.99997_234000.pt bcm-imagenet64.safetensors --from bcm-ict
     """
@@ -39,6 +41,86 @@ def models(as_json: bool) -> None:
     for row in rows:
         flag = "" if row["available"] else "  (file missing)"
         click.echo(f"{row['name']:<24} {row['purpose']:<12} {row['description']}{flag}")
+
+
+@main.command()
+@click.argument("input_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--operator", "operator_spec", required=True, metavar="SPEC",
+              help="Degradation, e.g. jpeg:quality=10, box:size=16, down:factor=4,kernel=bicubic.")
+@click.option("--method", required=True, metavar="NAME", help="Restoration method (see `restore methods`).")
+@click.option("--nfe", type=click.IntRange(min=1), default=None, help="Network evaluations; default: the method's.")
+@click.option("--model", default=None, metavar="NAME|PATH", help="Checkpoint file or bundled model (see `restore models`).")
+@click.option("--degrade", is_flag=True,
+              help="Inputs are clean: degrade them first (saved in OUTPUT_DIR/degraded) and score against them.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of clean references, matched by image id (extension ignored), for PSNR/SSIM.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images (or tiles) per batch.")
+@click.option("--device", default=None, help="torch device; default: cuda if available, else cpu.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Run seed; per-image seeds derive from it and the image id.")
+@click.option("--recursive", is_flag=True, help="Also restore images in sub-folders (ids keep relative paths).")
+@click.option("--overwrite", is_flag=True, help="Restore every image again, even those OUTPUT_DIR already holds.")
+@click.option("--hparam", "hparams", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable).")
+@click.option("--tile", type=click.IntRange(min=1), default=None,
+              help="Tile side in output pixels for other sizes; default: the model's resolution.")
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help="Minimum tile overlap in measurement pixels; default: a quarter tile.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe: int | None, model: str | None,
+        degrade: bool, reference: Path | None, batch_size: int, device: str | None, seed: int, recursive: bool,
+        overwrite: bool, hparams: tuple[str, ...], tile: int | None, overlap: int | None, progress: bool) -> None:
+    """Restore every image in INPUT_DIR into OUTPUT_DIR (PNGs plus manifest.csv; re-running resumes).
+
+    Images of the model's size are batched; other sizes are restored in overlapping tiles for local
+    operators (jpeg, down). Prints a one-line JSON summary on stdout.
+
+    \b
+    Examples:
+      restore run jpegs/ out/ --operator jpeg:quality=10 --method bcm-jpeg-dc --model bcm.safetensors --nfe 2
+      restore run clean/ demo/ --operator box:size=16 --method bcm-inpaint --model bcm.safetensors --degrade --seed 1
+    """
+    import torch
+
+    from restore.run import RunError, parse_hparams, run_folder
+
+    def skipped(image_id: str, reason: str) -> None:
+        click.echo(f"skipping {image_id}: {reason}", err=True)
+
+    try:
+        summary = run_folder(
+            input_dir, output_dir, operator=operator_spec, method=method, nfe=nfe, model=model, degrade=degrade,
+            reference=reference, batch_size=batch_size, seed=seed, recursive=recursive, overwrite=overwrite,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"), hparams=parse_hparams(hparams),
+            tile=tile, overlap=overlap, progress=progress, on_error=skipped)
+    except RunError as e:
+        raise click.ClickException(str(e)) from None
+    ok = [r for r in summary.rows if r["status"] == "ok"]
+    means = {m: sum(float(r[m]) for r in ok) / len(ok) for m in ("psnr", "ssim", "cpsnr", "seconds")
+             if ok and all(r[m] != "" for r in ok)}
+    click.echo(json.dumps({"restored": len(summary.restored), "skipped": len(summary.skipped),
+                           "failed": len(summary.failed), "manifest": str(summary.manifest),
+                           "mean": {k: round(v, 4) for k, v in means.items()}}))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def methods(as_json: bool) -> None:
+    """List the registered restoration methods (blind or not, operators, model, default NFE)."""
+    from restore.methods import list_methods
+
+    rows = list_methods()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no methods registered", err=True)
+        return
+    for row in rows:
+        ops = ",".join(row["operators"]) if isinstance(row["operators"], list) else row["operators"]
+        kind = "blind" if row["blind"] else "non-blind"
+        grad = "autograd" if row["needs_grad"] else ""
+        click.echo(f"{row['name']:<14} {kind:<9} {grad:<8} model={row['model']:<5} nfe={row['default_nfe']:<5} "
+                   f"operators={ops:<24} {row['description']}")
 
 
 @main.command()
