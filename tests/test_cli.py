@@ -53,3 +53,12 @@ def test_convert_round_trip_and_user_errors(tmp_path):
                                        "--from", "bcm-ict"])
     assert bad.exit_code == 1 and bad.output.startswith("Error:") and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_methods_lists_every_builtin_through_entry_points():
+    """The entry points in pyproject register the methods of restore and baselines on first use."""
+    result = CliRunner().invoke(restore_main, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    names = {row["name"] for row in json.loads(result.stdout)}
+    assert {"identity", "pinv", "bicubic", "bcm-jpeg", "bcm-jpeg-dc", "bcm-inpaint", "bcm-sr", "bdia-restore",
+            "dps", "pigdm", "ddrm", "ddrm-jpeg", "ddnm"} <= names
