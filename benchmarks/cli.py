@@ -24,9 +24,146 @@ def main() -> None:
     """Benchmark restoration methods: suites x operators x methods x NFE budgets.
 
     \b
-    Example:
+    Examples:
+      restore-bench list
+      restore-bench run quick --out results/quick
+      restore-bench table results/quick --format md
+      restore-bench plot results/quick --out results/quick/figures
       restore-bench generation bcm-cifar10 --out results/bcm-gen --n 1000 --nfe 1,2,3,4
     """
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _model_override(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        alias, eq, path = v.partition("=")
+        if not eq or not alias or not path:
+            raise click.BadParameter(f"expected ALIAS=PATH, got {v!r}")
+        out[alias] = path
+    return out
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(as_json: bool) -> None:
+    """List the built-in suites (run one with `restore-bench run NAME`).
+
+    \b
+    Example:
+      restore-bench list --json
+    """
+    from benchmarks.suites import list_suites
+
+    suites = list_suites()
+    if as_json:
+        click.echo(json.dumps(suites, indent=1))
+        return
+    for s in suites:
+        click.echo(f"{s['name']:<18} {s['description']}")
+
+
+@main.command()
+@click.argument("suite")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: results/SUITE); an existing one is resumed.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images (smoke tests).")
+@click.option("--model", "models", multiple=True, callback=_model_override, metavar="ALIAS=PATH",
+              help="Replace a model alias of the suite's [models] table (repeatable).")
+@click.option("--data", default=None, help="Run on this dataset (name or path) instead of the suite's.")
+@click.option("--device", default=None, help="Torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Rich progress bars on stderr.")
+def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str | None, device: str | None,
+        progress: bool) -> None:
+    """Run the benchmark SUITE (a built-in name or a TOML file), resuming what --out already holds.
+
+    Writes results.csv (long format: one row per image x cell x metric; FID/KID rows have image_id *),
+    restored PNGs per cell, cached degraded inputs and run.json (resolved config and environment).
+    Prints a JSON summary on stdout. Shard over processes with
+    `torchrun --nproc_per_node=N -m benchmarks run ...`.
+
+    \b
+    Examples:
+      restore-bench run quick --out results/quick
+      restore-bench run my-suite.toml --out results/mine --limit 16
+      restore-bench run bcm-paper-jpeg --model bcm=bcm_imagenet64.safetensors --data val_data.npz
+    """
+    from benchmarks.runner import run_suite
+    from benchmarks.suites import load_suite
+
+    try:
+        spec = load_suite(suite)
+        if models:
+            spec = spec.with_models(models)
+        if data:
+            spec = spec.with_dataset(data)
+        summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress)
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    if summary["rank"] == 0:
+        click.echo(json.dumps(summary))
+    if summary["failures"]:
+        raise click.ClickException(f"{len(summary['failures'])} cell(s) failed; first: {summary['failures'][0]}")
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of stdout.")
+def table(results: Path, fmt: str, out: Path | None) -> None:
+    """Paper tables from RESULTS (a run folder or its results.csv): method x NFE by metric, per operator.
+
+    Per-image metrics as mean +- 95% CI, FID/KID per cell, wall time (s/image) and parameter count;
+    the best value of each column in bold.
+
+    \b
+    Example:
+      restore-bench table results/cifar10-jpeg --format latex --out table.tex
+    """
+    from benchmarks.tables import load_results, render
+
+    try:
+        text = render(load_results(results), fmt)
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    if out is None:
+        click.echo(text)
+    else:
+        out.write_text(text + "\n")
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Figure folder (default: RESULTS/figures).")
+@click.option("--grid-nfe", type=click.IntRange(min=0), default=None,
+              help="NFE shown in the image grids: per method the largest budget <= this (default: each method's largest).")
+@click.option("--grid-images", type=click.IntRange(min=1), default=8, show_default=True, help="Rows of the image grids.")
+def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int) -> None:
+    """Figures from the run folder RESULTS: FID / PSNR / consistency-PSNR vs NFE per operator (PNG + PDF,
+    one line per method, log NFE axis; network-free methods as horizontal lines) and image grids per
+    operator (rows: images; columns: degraded, each method, ground truth).
+
+    \b
+    Example:
+      restore-bench plot results/quick --grid-nfe 2
+    """
+    from benchmarks.plots import image_grids, metric_plots
+    from benchmarks.tables import load_results
+
+    out = out or results / "figures"
+    try:
+        files = metric_plots(load_results(results), out)
+        if (results / "run.json").is_file():
+            files += image_grids(results, out, nfe=grid_nfe, images=grid_images)
+        else:
+            click.echo(f"{results} has no run.json yet (run in progress?): image grids skipped", err=True)
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(json.dumps({"files": [str(f) for f in files]}))
 
 
 @main.command()

@@ -1,0 +1,101 @@
+"""Reports from results: summary statistics, md/latex/csv tables with the best values bold, plots and grids."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from scipy import stats
+
+from benchmarks.cli import main
+from benchmarks.runner import run_suite
+from benchmarks.suites import parse_suite
+from benchmarks.tables import render, summarize
+from restore.io import write_png
+from restore.methods import register_method
+
+
+@register_method("report-test-pinv", blind=False, model="none", default_nfe=0)
+def _pinv(model, y, op, *, nfe, generator=None, callback=None):
+    return op.pinv(y)
+
+
+@register_method("report-test-blur", blind=False, model="none", default_nfe=1)
+def _blur(model, y, op, *, nfe, generator=None, callback=None):
+    """Pseudo-inverse smoothed ``nfe`` times (stands in for a method with an NFE axis)."""
+    x = op.pinv(y)
+    for _ in range(nfe):
+        x = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return x
+
+
+def frame() -> pd.DataFrame:
+    """Two methods x 3 images plus one FID row each, for one operator."""
+    rows = []
+    for method, nfe, psnr, fid, secs in (("a", 2, [20.0, 22.0, 27.0], 9.0, 0.5), ("b", 4, [25.0, 25.0, 25.0], 7.0, 1.0)):
+        for i, v in enumerate(psnr):
+            rows.append(dict(operator="jpeg:quality=10", method=method, nfe=nfe, nfe_budget=nfe, nfe_backward=0, seed=0,
+                             image_id=f"im{i}", metric="psnr", value=v, seconds=secs, params=1_500_000))
+        rows.append(dict(operator="jpeg:quality=10", method=method, nfe=nfe, nfe_budget=nfe, nfe_backward=0, seed=0,
+                         image_id="*", metric="fid", value=fid, seconds=3.0, params=1_500_000))
+    return pd.DataFrame(rows)
+
+
+def test_summary_statistics():
+    s = summarize(frame()).set_index("method")
+    a = np.array([20.0, 22.0, 27.0])
+    assert s.loc["a", "psnr_mean"] == pytest.approx(a.mean())
+    assert s.loc["a", "psnr_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * a.std(ddof=1) / np.sqrt(3))
+    assert s.loc["b", "psnr_ci95"] == 0 and np.isnan(s.loc["a", "fid_ci95"])  # one FID per cell and seed
+    assert s.loc["b", "fid_mean"] == 7.0 and s.loc["a", "seconds_per_image"] == 0.5 and s.loc["a", "nfe"] == 2
+
+
+def test_markdown_latex_csv():
+    md = render(frame(), "md")
+    lines = md.splitlines()
+    assert lines[0] == "### jpeg:quality=10" and "PSNR ↑" in lines[2] and "FID ↓" in lines[2]
+    row_a, row_b = (next(line for line in lines if line.startswith(f"| {m} ")) for m in "ab")
+    assert "| 23.00 ± 8.96 " in row_a and "**25.00 ± 0.00**" in row_b  # higher PSNR wins
+    assert "**7.00**" in row_b and "| 9.00 " in row_a  # lower FID wins
+    tied = frame()
+    tied.loc[tied.metric == "fid", "value"] = 7.001  # equal at the printed precision: both bold
+    assert render(tied, "md").count("**7.00**") == 2
+    assert "1.5M" in row_a and "0.5" in row_a
+    tex = render(frame(), "latex")
+    assert "\\toprule" in tex and "\\textbf{7.00}" in tex and "$\\pm$" in tex and "$\\downarrow$" in tex
+    csv = pd.read_csv(io.StringIO(render(frame(), "csv")))
+    assert list(csv.method) == ["a", "b"] and {"psnr_mean", "psnr_ci95", "fid_mean", "params"} <= set(csv.columns)
+    with pytest.raises(ValueError, match="valid: md, latex, csv"):
+        render(frame(), "html")
+
+
+def test_table_and_plot_commands_write_files(tmp_path):
+    folder = tmp_path / "images"
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for i in range(3):
+        write_png(x[i], folder / f"im{i}.png")
+    suite = parse_suite({"dataset": str(folder), "operators": ["box:size=8", "down:factor=2,kernel=avg"], "metrics": ["psnr", "cpsnr"],
+                         "methods": [{"name": "report-test-pinv", "nfe": [0]}, {"name": "report-test-blur", "nfe": [1, 2, 4]}]},
+                        "r")
+    run_suite(suite, tmp_path / "run", progress=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["table", str(tmp_path / "run"), "--format", "latex", "--out", str(tmp_path / "t.tex")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t.tex").read_text().count("\\begin{tabular}") == 2
+    result = runner.invoke(main, ["table", str(tmp_path / "run" / "results.csv")])
+    assert result.exit_code == 0 and "### down:factor=2,kernel=avg" in result.output
+    result = runner.invoke(main, ["plot", str(tmp_path / "run"), "--grid-nfe", "2"])
+    assert result.exit_code == 0, result.output
+    figures = tmp_path / "run" / "figures"
+    for name in ("psnr_box_size_8", "cpsnr_down_factor_2_kernel_avg"):
+        assert (figures / f"{name}.png").stat().st_size > 1000 and (figures / f"{name}.pdf").stat().st_size > 1000
+    grid = np.asarray(Image.open(figures / "grid_down_factor_2_kernel_avg.png"))
+    assert grid.shape == (3 * 33 + 1, 4 * 33 + 1, 3)  # rows: 3 images; columns: degraded, 2 methods, truth
+    assert "report-test-blur (NFE 2)" in (figures / "grid_down_factor_2_kernel_avg.txt").read_text()
+    result = runner.invoke(main, ["table", str(tmp_path / "nothing.csv")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
