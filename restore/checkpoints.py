@@ -9,6 +9,8 @@ names, bcm.md §7) and string metadata
     sigma_min, sigma_max, sigma_data   the wrapper's noise-level constants
     dtype    storage dtype of the floating-point tensors ("float32", "float16", ...)
     card     optional JSON model card (free-form dict: data, training, metrics, licence)
+    wrapper_config   optional JSON of ``model.wrapper_config()`` (wrappers with more settings than the sigmas,
+                     e.g. the operator a conditional baseline was trained for); passed back as keyword arguments
 
 Nothing is ever unpickled: safetensors files are read with ``safetensors.torch.load_file`` and
 upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`).
@@ -39,7 +41,9 @@ _WRAPPERS: dict[str, type[nn.Module]] = {}
 
 
 def register_wrapper(name: str, cls: type[nn.Module]) -> type[nn.Module]:
-    """Make ``cls`` loadable under ``name``; it is rebuilt as ``cls(net, sigma_min=, sigma_max=, sigma_data=)``."""
+    """Make ``cls`` loadable under ``name``; it is rebuilt as ``cls(net, sigma_min=, sigma_max=, sigma_data=,
+    **wrapper_config)``, where ``wrapper_config`` is what ``model.wrapper_config()`` returned at save time
+    (only for classes that define it)."""
     if _WRAPPERS.get(name, cls) is not cls:
         raise ValueError(f"wrapper name {name!r} is already registered to {_WRAPPERS[name].__qualname__}")
     _WRAPPERS[name] = cls
@@ -47,9 +51,14 @@ def register_wrapper(name: str, cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def get_wrapper(name: str) -> type[nn.Module]:
-    """The wrapper class registered as ``name`` (imports `restore.models`, which registers the built-in ones)."""
+    """The wrapper class registered as ``name`` (imports `restore.models`, which registers the built-in ones,
+    then the method plugins, whose modules register their own wrappers, e.g. the conditional baselines)."""
     if name not in _WRAPPERS:
         importlib.import_module("restore.models")
+    if name not in _WRAPPERS:
+        from restore.methods import _load_plugins  # entry points: restore never imports baselines by name
+
+        _load_plugins()
     if name not in _WRAPPERS:
         raise ValueError(f"unknown model wrapper {name!r}; registered: {sorted(_WRAPPERS)}")
     return _WRAPPERS[name]
@@ -79,12 +88,14 @@ BUNDLED_MODELS: dict[str, BundledModel] = {}
 
 
 def list_models() -> list[dict[str, Any]]:
-    """Bundled models: name, file, description, purpose and whether the file is present."""
-    return [
-        {"name": name, "filename": m.filename, "description": m.description, "purpose": m.purpose,
-         "available": (WEIGHTS_DIR / m.filename).is_file()}
-        for name, m in sorted(BUNDLED_MODELS.items())
-    ]
+    """Bundled models: name, file, description, purpose, whether the file is present, and its model card."""
+    rows = []
+    for name, m in sorted(BUNDLED_MODELS.items()):
+        available = (WEIGHTS_DIR / m.filename).is_file()
+        card = read_metadata(WEIGHTS_DIR / m.filename).get("card") if available else None
+        rows.append({"name": name, "filename": m.filename, "description": m.description, "purpose": m.purpose,
+                     "available": available, "card": card})
+    return rows
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -128,6 +139,8 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
         "sigma_data": repr(float(model.sigma_data)),
         "dtype": ",".join(sorted(stored)),
     }
+    if hasattr(model, "wrapper_config"):
+        metadata["wrapper_config"] = json.dumps(model.wrapper_config())
     if card is not None:
         metadata["card"] = json.dumps(card)
     path = Path(path)
@@ -139,7 +152,8 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
 
 
 def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
-    """Decoded metadata of a checkpoint (no tensors read): wrapper, unet (dict), sigma_*, dtype, card."""
+    """Decoded metadata of a checkpoint (no tensors read): wrapper, unet (dict), sigma_*, dtype, card,
+    wrapper_config (dict, empty for wrappers without settings of their own)."""
     path = resolve_model_path(name_or_path)
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
@@ -151,6 +165,7 @@ def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
     for key in ("sigma_min", "sigma_max", "sigma_data"):
         meta[key] = float(raw[key])
     meta["card"] = json.loads(raw["card"]) if "card" in raw else None
+    meta["wrapper_config"] = json.loads(raw.get("wrapper_config", "{}"))
     return meta
 
 
@@ -168,7 +183,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
         net = UNet(UNetConfig.from_dict(meta["unet"]))
     net.load_state_dict(load_file(str(path), device=str(torch.device(device))), strict=True, assign=True)
     net = net.to(dtype=dtype)
-    model = cls(net, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], sigma_data=meta["sigma_data"])
+    model = cls(net, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], sigma_data=meta["sigma_data"],
+                **meta["wrapper_config"])
     model.card = meta["card"]
     return model.eval()
 

@@ -115,8 +115,9 @@ def test_bundled_names(model, tmp_path, monkeypatch):
         "tiny-demo": checkpoints.BundledModel("tiny.safetensors", "a tiny test model", "unit tests"),
         "missing-demo": checkpoints.BundledModel("missing.safetensors", "not shipped", "nothing"),
     })
-    save_model(model, tmp_path / "tiny.safetensors", dtype=torch.float16)
+    save_model(model, tmp_path / "tiny.safetensors", dtype=torch.float16, card={"recipe": "restore-train edm"})
     assert type(load_model("tiny-demo")) is TinyWrapper
+    assert [m["card"] for m in list_models()] == [None, {"recipe": "restore-train edm"}]
     assert [(m["name"], m["available"]) for m in list_models()] == [("missing-demo", False), ("tiny-demo", True)]
     json.dumps(list_models())  # `restore models --json` can print it as is
     with pytest.raises(ValueError, match="bundled models: missing-demo, tiny-demo"):
