@@ -4,4 +4,4 @@ Each is written against the same operator and model contracts as the BCM restore
 so comparisons use the same data, backbone and NFE accounting.
 """
 
-from baselines import ddnm, ddrm, dps, pigdm  # noqa: F401 -- importing registers the methods
+from baselines import ddnm, ddrm, dps, i2sb, palette, pigdm  # noqa: F401 -- importing registers the methods (and wrappers)

@@ -1,4 +1,5 @@
-"""`restore-train` command line: train BCMs (BCT), consistency models (iCT) and EDM diffusion priors.
+"""`restore-train` command line: train BCMs (BCT), consistency models (iCT), EDM diffusion priors and the
+supervised conditional baselines (Palette, I2SB; one model per ``--operator``, pairs made on the fly).
 
 Every subcommand is the shared option set (:func:`_common_options`) plus a ``build(opts, shape) -> (model,
 loss)`` function; adding a model family is one such function and one decorated command.
@@ -19,6 +20,8 @@ import click
 import torch
 from click.core import ParameterSource
 
+from baselines.i2sb import I2SB
+from baselines.palette import Palette
 from restore.checkpoints import load_model
 from restore.models import BCM, ConsistencyModel, EDMDenoiser
 from restore.networks.unet import UNet, UNetConfig
@@ -26,6 +29,7 @@ from training.data import DATASETS, ImageData, load_npz, resolve_data_path
 from training.finetune import bcm_from_cm
 from training.loop import TrainConfig, train
 from training.losses import BCTLoss, EDMLoss, ICTLoss
+from training.paired import I2SBLoss, PaletteLoss
 
 # Options describing where/how long/how to run, never stored as part of the run's identity.
 _NOT_STORED = {"resume", "out", "chunk", "time_limit", "progress", "device"}
@@ -39,6 +43,7 @@ def main() -> None:
     Examples:
       restore-train bcm --data cifar10 --out runs/bcm --preset cifar-small --steps 20000 --batch 128 --bf16
       restore-train bcm --out runs/bcm --steps 40000          # continue / extend the same run
+      restore-train palette --operator jpeg:quality=10 --data cifar10 --out runs/palette-jpeg10 --bf16
       torchrun --nproc_per_node 2 -m training edm --data cifar10 --out runs/edm --steps 1000
     """
 
@@ -162,7 +167,8 @@ def _from_checkpoint(opts: dict, shape, wrapper_types: tuple[type, ...]):
     if opts["dropout"] is not None:
         net = UNet(dataclasses.replace(cfg, dropout=opts["dropout"], dropout_lowres=None))
         net.load_state_dict(model.net.state_dict())
-        model = type(model)(net, sigma_data=model.sigma_data, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+        model = type(model)(net, sigma_data=model.sigma_data, sigma_min=model.sigma_min, sigma_max=model.sigma_max,
+                            **getattr(model, "wrapper_config", dict)())
     return model
 
 
@@ -195,6 +201,37 @@ def _build_edm(opts: dict, shape):
     else:
         model = EDMDenoiser(_new_net(_net_config(opts, shape, bidirectional=False), opts["seed"]))
     return model, EDMLoss(p_mean=opts["p_mean"], p_std=opts["p_std"])
+
+
+def _operator(opts: dict) -> str:
+    if not opts["operator"]:
+        raise ValueError("missing --operator SPEC: the degradation this model is trained to undo, e.g. jpeg:quality=10")
+    return opts["operator"]
+
+
+def _conditional(opts: dict, shape, cls, **settings):
+    """A Palette / I2SB wrapper for ``settings`` (operator, ...): new, or ``--init`` from one trained for the same."""
+    if opts["init"]:
+        model = _from_checkpoint(opts, shape, (cls,))
+        if model.wrapper_config() != settings:  # settings come canonical from the loss
+            raise ValueError(f"--init {opts['init']}: trained with {model.wrapper_config()}, requested {settings}")
+        return model
+    config = dataclasses.replace(_net_config(opts, shape, bidirectional=False),
+                                 cond_channels=shape[0] if cls is Palette else 0)
+    return cls(_new_net(config, opts["seed"]), **settings)
+
+
+def _build_palette(opts: dict, shape):
+    loss = PaletteLoss(operator=_operator(opts), p_mean=opts["p_mean"], p_std=opts["p_std"])
+    return _conditional(opts, shape, Palette, operator=loss.operator), loss
+
+
+def _build_i2sb(opts: dict, shape):
+    loss = I2SBLoss(operator=_operator(opts), beta_max=opts["beta_max"], interval=opts["interval"],
+                    ot_ode=opts["ot_ode"])
+    model = _conditional(opts, shape, I2SB, operator=loss.operator, beta_max=loss.beta_max, interval=loss.interval,
+                         ot_ode=loss.ot_ode)
+    return model, loss
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -301,6 +338,49 @@ def edm(ctx, **opts):
       restore-train edm --data cifar10 --out runs/edm --preset cifar-small --steps 20000 --batch 128 --bf16
     """
     _run(ctx, "edm", opts, _build_edm)
+
+
+_OPERATOR_HELP = ("Degradation the model learns to undo (operators.build_operator spec, e.g. jpeg:quality=10, "
+                  "box:size=16, down:factor=2,kernel=bicubic); stored with the checkpoint.")
+
+
+@main.command()
+@click.pass_context
+@_common_options(lr=2e-4, optimizer="adam")
+@click.option("--operator", metavar="SPEC", help=_OPERATOR_HELP + "  [required]")
+@click.option("--p-mean", type=float, default=-1.2, show_default=True, help="Noise sampling: mean of ln sigma.")
+@click.option("--p-std", type=click.FloatRange(0, min_open=True), default=1.2, show_default=True,
+              help="Noise sampling: std of ln sigma.")
+def palette(ctx, **opts):
+    """Palette (Saharia et al. 2022): a denoiser conditioned on the degraded image, trained with the EDM loss on
+    (clean, degraded) pairs made on the fly by --operator (baselines.palette).
+
+    \b
+    Example:
+      restore-train palette --operator jpeg:quality=10 --data cifar10 --out runs/palette-jpeg10 --bf16
+    """
+    _run(ctx, "palette", opts, _build_palette)
+
+
+@main.command()
+@click.pass_context
+@_common_options(lr=2e-4, optimizer="adam")
+@click.option("--operator", metavar="SPEC", help=_OPERATOR_HELP + "  [required]")
+@click.option("--beta-max", type=click.FloatRange(0, min_open=True), metavar="B",
+              show_default="0.3 for jpeg/down, 1.0 for box/randbox", help="Bridge schedule: largest beta (times N).")
+@click.option("--interval", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Number of discrete bridge steps N (even).")
+@click.option("--ot-ode/--no-ot-ode", default=None, show_default="on for box/randbox",
+              help="Noise-free bridge (OT-ODE) for training and sampling.")
+def i2sb(ctx, **opts):
+    """I2SB (Liu et al. 2023): Schrödinger bridge from the degraded to the clean image, eps-prediction on the bridge
+    marginal, pairs made on the fly by --operator (baselines.i2sb).
+
+    \b
+    Example:
+      restore-train i2sb --operator box:size=16 --data cifar10 --out runs/i2sb-box16 --preset cifar-small --bf16
+    """
+    _run(ctx, "i2sb", opts, _build_i2sb)
 
 
 @main.command()
