@@ -163,6 +163,9 @@ def run_folder(
     except OutputError as e:
         raise RunError(str(e)) from None
     net, model_label = _load(model, meth, device)
+    trained_for = getattr(net, "operator", None)  # conditional models (Palette, I2SB) know their task
+    if trained_for is not None and build_operator(trained_for) != op:
+        raise RunError(f"{model_label} was trained for operator {trained_for}, not {op.spec}")
     if tile is None and net is not None:
         tile = getattr(getattr(getattr(net, "net", None), "config", None), "img_resolution", None)
 
