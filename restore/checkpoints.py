@@ -84,7 +84,14 @@ class BundledModel:
 # Checkpoints shipped with the package, by name (`load_model(name)`, `restore models`).
 # To add one: put ``<file>.safetensors`` (written by `save_model`, with a card) in restore/weights/
 # and add an entry here; see restore/weights/README.md.
-BUNDLED_MODELS: dict[str, BundledModel] = {}
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "bcm-cifar10": BundledModel("bcm-cifar10.safetensors",
+                                "BCM (BCT from scratch), cifar-tiny UNet 0.81 M params, CIFAR-10 32x32; smoke-level budget",
+                                "BCM restoration, 1-4 step sampling, inversion"),
+    "edm-cifar10": BundledModel("edm-cifar10.safetensors",
+                                "EDM denoiser, cifar-tiny UNet 0.76 M params, CIFAR-10 32x32; smoke-level budget",
+                                "diffusion prior for BDIA/EDICT, DPS, PiGDM, DDRM, DDNM"),
+}
 
 
 def list_models() -> list[dict[str, Any]]:
