@@ -371,8 +371,9 @@ def test_compiled_network_trains_like_eager(tmp_path):
 def test_export_card_recipe_reproduces_the_run(tmp_path, npz):
     """The card's recipe is the single source of truth: running it again gives the same weights, bit for bit."""
     out = tmp_path / "run"
-    assert invoke("bcm", "--data", npz, "--out", out, "--preset", "cifar-tiny", "--steps", 3, "--batch", 4,
-                  "--no-progress", "--log-every", 1, "--no-xflip", "--time-limit", 5).exit_code == 0
+    # stopped early (as a --time-limit stop does): the recipe keeps --steps 5 (the curriculum) and adds --chunk 3
+    assert invoke("bcm", "--data", npz, "--out", out, "--preset", "cifar-tiny", "--steps", 5, "--batch", 4,
+                  "--no-progress", "--log-every", 2, "--no-xflip", "--chunk", 3).exit_code == 0
     (tmp_path / "metrics.json").write_text(json.dumps({"fid": {"1": 123.4}}))
     result = invoke("export", out, tmp_path / "bcm.safetensors", "--fp32", "--metrics", tmp_path / "metrics.json")
     assert result.exit_code == 0, result.output
@@ -381,6 +382,7 @@ def test_export_card_recipe_reproduces_the_run(tmp_path, npz):
     assert card["metrics"] == {"fid": {"1": 123.4}}
     words = shlex.split(card["recipe"])
     assert words[:2] == ["restore-train", "bcm"] and "--time-limit" not in words and "--no-xflip" in words
+    assert words[words.index("--chunk") + 1] == "3" and words[words.index("--steps") + 1] == "5"
     again = tmp_path / "again"
     assert invoke(*words[1:-2], "--out", again, "--no-progress").exit_code == 0
     exported, rerun = load_model(tmp_path / "bcm.safetensors"), load_model(again / "ema.safetensors")

@@ -17,6 +17,7 @@ import click
 import torch
 
 from restore.checkpoints import load_model, save_model
+from training.state import STATE_JSON
 
 
 def recipe_command(command: click.Command, name: str, options: dict[str, Any], out: str = "RUN_DIR") -> str:
@@ -50,7 +51,8 @@ def training_budget(run_dir: str | Path) -> dict[str, Any]:
         seconds += (r["images"] - previous) / r["images_per_s"]
         previous = r["images"]
     last = records[-1]
-    return {"steps": last["step"], "images": last["images"], "train_seconds": round(seconds, 1),
+    state = json.loads((Path(run_dir) / STATE_JSON).read_text())  # the saved step may follow the last log line
+    return {"steps": state["step"], "images": state["images"], "train_seconds": round(seconds, 1),
             "images_per_s": round(last["images"] / seconds, 2), "final_loss": last["loss"]}
 
 
@@ -65,10 +67,14 @@ def export_run(run_dir: str | Path, dst: str | Path, *, dtype: torch.dtype | Non
     if stored is None:
         raise ValueError(f"{run_dir} was not trained with restore-train: no stored command to put in the card")
     environment = config.get("environment", {})
+    budget = training_budget(run_dir)
+    recipe = recipe_command(cli.commands[stored["command"]], stored["command"], stored["options"])
+    if budget["steps"] < stored["options"]["steps"]:  # stopped early (time limit): same curriculum, fewer steps
+        recipe = recipe.replace(" --out ", f" --chunk {budget['steps']} --out ")
     card = {
-        "recipe": recipe_command(cli.commands[stored["command"]], stored["command"], stored["options"]),
+        "recipe": recipe,
         "data": stored["options"].get("data"),
-        "budget": {**training_budget(run_dir), "host": environment.get("host"), "torch": environment.get("torch"),
+        "budget": {**budget, "host": environment.get("host"), "torch": environment.get("torch"),
                    "git": environment.get("git")},
         "metrics": metrics or {},
         "notes": notes or "",
