@@ -55,3 +55,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def npz(tmp_path) -> Path:
+    """A tiny training set file: 12 random 16x16 RGB images (uint8 NHWC 'x') and labels 'y'."""
+    path = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), y=np.zeros(12, dtype=np.int64))
+    return path

@@ -241,14 +241,6 @@ def test_paired_losses_decrease(tmp_path, name):
         type(loss)("jpeg:quality=10")(model, data[:2])
 
 
-@pytest.fixture
-def npz(tmp_path):
-    path = tmp_path / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, x=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), y=np.zeros(12, dtype=np.int64))
-    return path
-
-
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

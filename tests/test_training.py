@@ -151,14 +151,6 @@ def test_image_data_formats():
 
 # --------------------------------------------------------------------------------------------- CLI
 
-@pytest.fixture
-def npz(tmp_path):
-    path = tmp_path / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, x=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), y=np.zeros(12, dtype=np.int64))
-    return path
-
-
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
