@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -58,6 +57,7 @@ from rich.markup import escape
 from benchmarks.suites import Suite, config_hash
 from operators import build_operator
 from operators.utils import make_generators
+from restore.environment import git_state
 
 RUNNER_VERSION = 1  # part of every cell key: bump when the runner's numbers change meaning
 GRID_IMAGES = 8  # degraded input and ground truth are kept as PNG for the first images (grids)
@@ -261,19 +261,6 @@ class Finished:
 # --------------------------------------------------------------------------- environment
 
 
-def _git_commit() -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None}
-    if commit.returncode != 0:
-        return {"commit": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
 def environment(device: torch.device, world_size: int) -> dict[str, Any]:
     """Versions, git commit, device and process layout, written next to every result."""
     from importlib.metadata import PackageNotFoundError, version
@@ -287,7 +274,7 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
     versions.update(torch=torch.__version__, cuda=torch.version.cuda)
     dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
     return {"python": sys.version.split()[0], "platform": platform.platform(), "host": platform.node(),
-            "versions": versions, "git": _git_commit(), "device": dev, "torch_threads": torch.get_num_threads(),
+            "versions": versions, "git": git_state(), "device": dev, "torch_threads": torch.get_num_threads(),
             "world_size": world_size, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

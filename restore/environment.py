@@ -11,14 +11,26 @@ from typing import Any
 import torch
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout this package runs from, or None outside a git checkout."""
+def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this package runs from, or None outside a git checkout."""
+    out = _git("rev-parse", "HEAD")
+    return out.stdout.strip() or None if out is not None and out.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """``{"commit": HEAD or None, "dirty": tracked files modified}`` (no "dirty" outside a checkout)."""
+    commit = git_commit()
+    if commit is None:
+        return {"commit": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status is not None and status.stdout.strip())}
 
 
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:

@@ -64,3 +64,14 @@ def npz(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), y=np.zeros(12, dtype=np.int64))
     return path
+
+
+GAUSSIAN_MU, GAUSSIAN_S = 0.3, 0.5  # Gaussian data N(mu, s^2 I) of the oracle tests
+
+
+@pytest.fixture
+def g():
+    """The Gaussian data whose PF-ODE flow map is closed-form (DESIGN.md §5)."""
+    from restore.oracles import GaussianFlow
+
+    return GaussianFlow(GAUSSIAN_MU, GAUSSIAN_S)

@@ -9,18 +9,15 @@ import torch
 
 from operators.utils import make_generators
 from restore.inversion import bcm_invert, bcm_reconstruct, interpolate, inversion_mse, slerp
-from restore.oracles import GaussianFlow, oracle_bcm, oracle_bcm_empirical
+from restore.oracles import oracle_bcm, oracle_bcm_empirical
 
-MU, S, SMIN, SMAX = 0.3, 0.5, 0.002, 80.0
+from conftest import GAUSSIAN_MU as MU, GAUSSIAN_S as S  # the data of the `g` fixture
+
+SMIN, SMAX = 0.002, 80.0
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture
-def g():
-    return GaussianFlow(MU, S)
 
 
 @pytest.fixture

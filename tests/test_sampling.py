@@ -14,17 +14,14 @@ from restore.sampling import (edm_ode_invert, sample_ancestral, sample_bcm, samp
 from restore.schedules import (BCM_PAPER_SCHEDULES, Jump, Renoise, ancestral_plan, bcm_paper_plan, check_plan,
                                cm_multistep_plan, karras_sigmas, plan_nfe, zigzag_plan)
 
-MU, S, SMIN, SMAX = 0.3, 0.5, 0.002, 80.0
+from conftest import GAUSSIAN_MU as MU, GAUSSIAN_S as S  # the data of the `g` fixture
+
+SMIN, SMAX = 0.002, 80.0
 F64 = torch.float64
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture
-def g():
-    return GaussianFlow(MU, S)
 
 
 @pytest.fixture
