@@ -26,6 +26,7 @@ def main() -> None:
     \b
     Examples:
       restore-bench list
+      restore-bench models cifar10-100
       restore-bench run quick --out results/quick
       restore-bench table results/quick --format md
       restore-bench plot results/quick --out results/quick/figures
@@ -105,8 +106,39 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
         raise _fail(e) from None
     if summary["rank"] == 0:
         click.echo(json.dumps(summary))
+        for v in summary["fairness_violations"]:
+            click.echo(f"warning: fairness rule broken: {v}", err=True)
     if summary["failures"]:
         raise click.ClickException(f"{len(summary['failures'])} cell(s) failed; first: {summary['failures'][0]}")
+
+
+@main.command()
+@click.argument("suite")
+@click.option("--model", "models", multiple=True, callback=_model_override, metavar="ALIAS=PATH",
+              help="Replace a model alias of the suite's [models] table (repeatable).")
+@click.option("--reference", metavar="MODEL", help="Compare with this model (default: the suite's first BCM).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when a rule is broken.")
+def models(suite: str, models: dict, reference: str | None, as_json: bool, strict: bool) -> None:
+    """The trained models of SUITE and the fairness rules they keep: parameters (total and backbone), training
+    data split, images seen and training time of each, against a reference model (README, "Fairness rules").
+
+    \b
+    Examples:
+      restore-bench models cifar10-100
+      restore-bench models my-suite.toml --model edm=runs/edm/ema.safetensors --strict
+    """
+    from benchmarks.fairness import fairness_report, render_fairness
+    from benchmarks.suites import load_suite
+
+    try:
+        spec = load_suite(suite)
+        report = fairness_report((spec.with_models(models) if models else spec).model_refs, reference)
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(json.dumps(report, indent=1) if as_json else render_fairness(report))
+    if strict and report["violations"]:
+        raise SystemExit(1)
 
 
 @main.command()

@@ -153,7 +153,7 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
     runs = []  # (entry, model reference, operator specs it runs on)
     for entry in suite.methods:
         method = get_method(entry.name)
-        ref = suite.models.get(entry.model, entry.model) if entry.model is not None else None
+        ref = suite.model_ref(entry)
         path = _check_model(suite, entry, method, ref)
         if path is not None and ref not in shas:
             shas[ref] = file_sha256(path)
@@ -674,8 +674,13 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
         frame = results_frame(out, cells, suite, [dataset.image_id(i) for i in indices])
         write_csv_atomic(frame, out / "results.csv")
         summary["rows"] = len(frame)
+        from benchmarks.fairness import fairness_report
+
+        models = fairness_report(list(dict.fromkeys(c.model for c in cells if c.model)))
+        summary["fairness_violations"] = models["violations"]
         record = {
             "suite": suite.to_dict(), "images": n, "limit": limit, "environment": environment(dev, world),
+            "models": models,
             "summary": summary, "grid_ids": [dataset.image_id(i) for i in indices[:GRID_IMAGES]],
             "cells": [{"key": c.key, "label": c.label, "dir": str(c.out_dir(out).relative_to(out)), **c.config,
                        "model": c.model} for c in cells],

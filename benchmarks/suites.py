@@ -156,6 +156,15 @@ class Suite:
     description: str = ""
     source: str = ""  # file it came from
 
+    def model_ref(self, entry: MethodEntry) -> str | None:
+        """The checkpoint reference (bundled name or path) of a method entry: its alias resolved, or None."""
+        return None if entry.model is None else self.models.get(entry.model, entry.model)
+
+    @property
+    def model_refs(self) -> list[str]:
+        """The checkpoints the suite's methods use, in order of first use (unset aliases left out)."""
+        return list(dict.fromkeys(r for r in map(self.model_ref, self.methods) if r))
+
     @property
     def set_metrics(self) -> tuple[str, ...]:
         return tuple(m for m in self.metrics if not METRICS[m].per_image)

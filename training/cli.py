@@ -23,6 +23,7 @@ from click.core import ParameterSource
 from baselines.i2sb import I2SB
 from baselines.palette import Palette
 from restore.checkpoints import load_model
+from restore.fairness import backbone_parameters, parameter_violation, training_record
 from restore.models import BCM, ConsistencyModel, EDMDenoiser
 from restore.networks.unet import UNet, UNetConfig
 from training.data import DATASETS, ImageData, load_npz, resolve_data_path
@@ -95,6 +96,10 @@ def _common_options(*, lr: float, optimizer: str):
                      help="Write a log.jsonl line every N steps."),
         click.option("--limit-images", type=click.IntRange(min=1), metavar="N",
                      help="Train on the first N images only."),
+        click.option("--match", metavar="MODEL",
+                     help="Train under the fairness rules against MODEL (bundled name or checkpoint with a card): "
+                          "its data and split, its number of training images, its batch and preset unless given, "
+                          "and a backbone within ±5 % of its parameters (restore.fairness)."),
         click.option("--chunk", type=click.IntRange(min=1), metavar="N",
                      help="Stop after N steps in this invocation (re-run to continue)."),
         click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
@@ -250,13 +255,14 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
         if stored is not None:
             if stored["command"] != command:
                 raise click.ClickException(f"{opts['out']} is a '{stored['command']}' run, not '{command}'")
-            explicit = {k for k in opts if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
-                                                                           ParameterSource.ENVIRONMENT)}
+            explicit = _explicit(ctx, opts)
             if "images" in explicit:
                 explicit.add("steps")
             opts = {**opts, **{k: v for k, v in stored["options"].items() if k in opts and k not in explicit}}
     elif opts["resume"] is not None:
         raise click.ClickException(f"{opts['resume']} holds no run (no config.json)")
+    if opts["match"]:
+        opts = _match(ctx, opts)
     if opts["images"] is not None:
         if ctx.get_parameter_source("steps") == ParameterSource.COMMANDLINE:
             raise click.UsageError("give --steps or --images, not both")
@@ -269,12 +275,53 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
     return opts
 
 
+def _explicit(ctx: click.Context, opts: dict) -> set[str]:
+    return {k for k in opts if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
+                                                               ParameterSource.ENVIRONMENT)}
+
+
+def _match(ctx: click.Context, opts: dict) -> dict:
+    """Options under the fairness rules against ``--match``: the reference's data, split and images seen
+    (conflicting values are errors), its batch and preset unless given (the backbone is checked after building)."""
+    name = opts["match"]
+    try:
+        ref = training_record(name)
+    except ValueError as e:
+        raise click.UsageError(f"--match: {e}") from None
+    if ref.images is None or ref.batch is None:
+        raise click.UsageError(f"--match {name}: the model has no card with a training recipe and budget")
+    explicit = _explicit(ctx, opts)
+    if explicit & {"steps", "images"}:
+        raise click.UsageError(f"--match {name} sets the budget to its {ref.images:,} training images; "
+                               "drop --steps / --images")
+    opts = {**opts, **{k: v for k, v in (("batch", ref.batch), ("preset", ref.preset)) if k not in explicit}}
+    for key, value in (("data", ref.data), ("limit_images", ref.limit_images)):
+        if key in explicit and opts[key] != value:
+            wanted = "all images" if value is None else value
+            raise click.UsageError(f"--match {name} was trained with --{key.replace('_', '-')} {wanted}, "
+                                   f"got {opts[key]}")
+        opts[key] = value
+    if ref.images % opts["batch"]:
+        raise click.UsageError(f"--match {name}: --batch {opts['batch']} does not divide its {ref.images:,} "
+                               "training images")
+    opts["steps"], opts["images"] = ref.images // opts["batch"], None
+    return opts
+
+
+def _check_match(opts: dict, model) -> None:
+    if opts["match"]:
+        problem = parameter_violation(backbone_parameters(model.net), training_record(opts["match"]))
+        if problem:
+            raise ValueError(f"--match {opts['match']}: {problem}; choose another --preset")
+
+
 def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
     opts = _resolve(ctx, command, opts)
     try:
         images = load_npz(resolve_data_path(opts["data"]), opts["limit_images"])
         data = ImageData(images)
         model, loss = build(opts, data.shape)
+        _check_match(opts, model)
         config = TrainConfig(
             steps=opts["steps"], batch=opts["batch"], lr=opts["lr"], optimizer=opts["optimizer"],
             grad_clip=opts["grad_clip"], lr_warmup=opts["lr_warmup"], ema_rate=opts["ema_rate"],
