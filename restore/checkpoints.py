@@ -92,6 +92,14 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
                                 "EDM denoiser, cifar-tiny UNet 0.76 M params, CIFAR-10 32x32; smoke-level budget",
                                 "diffusion prior for BDIA/EDICT, DPS, PiGDM, DDRM, DDNM"),
 }
+# The trained conditional baselines, one per operator, on bcm-cifar10's budget (restore.fairness).
+BUNDLED_MODELS.update({
+    f"{family}-cifar10-{tag}": BundledModel(f"{family}-cifar10-{tag}.safetensors",
+                                            f"{what} for {spec}, cifar-tiny UNet, CIFAR-10 32x32; smoke-level budget",
+                                            f"the {family} baseline on {spec}")
+    for family, what in (("palette", "Palette (conditional EDM denoiser)"), ("i2sb", "I2SB (Schrödinger bridge)"))
+    for tag, spec in (("jpeg10", "jpeg:quality=10"), ("box16", "box:size=16"))
+})
 
 
 def list_models() -> list[dict[str, Any]]:

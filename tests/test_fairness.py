@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 
 import pytest
 from click.testing import CliRunner
@@ -70,13 +71,17 @@ def test_match_trains_under_the_rules(reference, tmp_path, npz, single_thread):
     assert _train("export", out, tmp_path / "palette.safetensors").exit_code == 0
     report = fairness_report([str(reference), str(tmp_path / "palette.safetensors")])
     assert report["reference"] == str(reference) and report["violations"] == []
-    # the stored options re-apply on resume: nothing left to do, no conflict
+    # the stored options re-apply on resume, and the card's recipe (which spells out --steps) re-runs as is
     again = _train("palette", "--out", out, "--no-progress")
     assert again.exit_code == 0 and json.loads(again.output)["step"] == 3
+    recipe = load_model(tmp_path / "palette.safetensors").card["recipe"]
+    assert "--match" in recipe and "--steps 3" in recipe
+    words = shlex.split(recipe)[1:-2] + ["--out", str(tmp_path / "again"), "--no-progress"]
+    assert _train(*words).exit_code == 0
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", 5], "drop --steps"),
+    (["--steps", 5], "sets the budget to its 12 training images (3 steps of 4)"),
     (["--images", 8], "drop --steps"),
     (["--limit-images", 6], "--limit-images all images"),
     (["--batch", 5], "does not divide"),

@@ -291,9 +291,6 @@ def _match(ctx: click.Context, opts: dict) -> dict:
     if ref.images is None or ref.batch is None:
         raise click.UsageError(f"--match {name}: the model has no card with a training recipe and budget")
     explicit = _explicit(ctx, opts)
-    if explicit & {"steps", "images"}:
-        raise click.UsageError(f"--match {name} sets the budget to its {ref.images:,} training images; "
-                               "drop --steps / --images")
     opts = {**opts, **{k: v for k, v in (("batch", ref.batch), ("preset", ref.preset)) if k not in explicit}}
     for key, value in (("data", ref.data), ("limit_images", ref.limit_images)):
         if key in explicit and opts[key] != value:
@@ -304,7 +301,11 @@ def _match(ctx: click.Context, opts: dict) -> dict:
     if ref.images % opts["batch"]:
         raise click.UsageError(f"--match {name}: --batch {opts['batch']} does not divide its {ref.images:,} "
                                "training images")
-    opts["steps"], opts["images"] = ref.images // opts["batch"], None
+    steps = ref.images // opts["batch"]
+    if "steps" in explicit and opts["steps"] != steps or "images" in explicit and opts["images"] != ref.images:
+        raise click.UsageError(f"--match {name} sets the budget to its {ref.images:,} training images "
+                               f"({steps} steps of {opts['batch']}); drop --steps / --images")
+    opts["steps"], opts["images"] = steps, None
     return opts
 
 
