@@ -109,3 +109,12 @@ def test_bench_models_reports_violations(reference, tmp_path):
     assert CliRunner().invoke(bench, ["models", str(suite), "--strict"]).exit_code == 1
     fair = CliRunner().invoke(bench, ["models", str(suite), "--model", f"edm={reference}", "--strict", "--json"])
     assert fair.exit_code == 0 and json.loads(fair.output)["violations"] == []
+
+
+@pytest.mark.parametrize("suite", ["quick", "cifar10-100"])
+def test_bundled_suites_keep_the_rules(suite):
+    from benchmarks.suites import load_suite
+
+    report = fairness_report(load_suite(suite).model_refs)
+    assert report["reference"] == "bcm-cifar10" and len(report["models"]) == 6
+    assert report["violations"] == []
