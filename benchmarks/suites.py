@@ -239,10 +239,13 @@ def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, sourc
     if not isinstance(methods, list) or not methods:
         raise ValueError(f"{where}: methods must be a non-empty list of [[methods]] tables")
     entries = [_parse_method(m, i, where, models, base, BUNDLED_MODELS, specs) for i, m in enumerate(methods)]
-    labels = [e.label for e in entries]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
+    seen, dup = set(), set()  # a label names one entry per operator (e.g. one trained model per operator)
+    for e in entries:
+        for spec in e.operators or specs:
+            (dup if (e.label, spec) in seen else seen).add((e.label, spec))
     if dup:
-        raise ValueError(f"{where}: method label(s) {', '.join(dup)} used twice; give each entry a distinct 'label'")
+        raise ValueError(f"{where}: method label(s) {', '.join(sorted({label for label, _ in dup}))} used twice on "
+                         "one operator; give each entry a distinct 'label'")
     fid = data.get("fid", {})
     _check_keys(_typed(fid, dict, where, "[fid]"), FID_KEYS, f"{where} [fid]")
     ref = FidReference(

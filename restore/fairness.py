@@ -115,10 +115,10 @@ def parameter_violation(backbone: int, reference: TrainingRecord, tolerance: flo
 
 def violations(record: TrainingRecord, reference: TrainingRecord, tolerance: float = TOLERANCE) -> list[str]:
     """The fairness rules ``record`` breaks relative to ``reference``, one sentence each (empty: fair)."""
-    unknown = [r for r in (record, reference) if r.images is None]
-    if unknown:
-        return [f"{r.model}: no model card with a training recipe and budget, so its training is unknown"
-                for r in unknown]
+    if record.images is None:
+        return [f"{record.model}: no model card with a training recipe and budget, so its training is unknown"]
+    if reference.images is None:
+        return [f"{record.model}: cannot be compared with {reference.model}, whose training is unknown"]
     found = [parameter_violation(record.backbone_parameters, reference, tolerance, record.model)]
     if record.images != reference.images:
         found.append(f"{record.model}: saw {record.images:,} training images, {reference.model} saw "

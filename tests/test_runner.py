@@ -193,6 +193,10 @@ def test_counted_nfe_and_parameters_with_a_model(images, tmp_path):
     frame = pd.read_csv(tmp_path / "out" / "results.csv")
     assert sorted(set(zip(frame.nfe_budget, frame.nfe))) == [(1, 1), (2, 2)]
     assert set(frame.params) == {sum(p.numel() for p in bcm.parameters())}
+    models = json.loads((tmp_path / "out" / "run.json").read_text())["models"]  # the fairness record
+    assert [m["params"] for m in models["models"]] == list(frame.params[:1])
+    assert models["violations"] == [f"{tmp_path / 'bcm.safetensors'}: no model card with a training recipe and "
+                                    "budget, so its training is unknown"]
     with pytest.raises(ValueError, match="needs a 'bcm' model but .* is a 'edm' model"):
         run_suite(suite.with_models({"m": str(tmp_path / "edm.safetensors")}), tmp_path / "bad", progress=False)
 

@@ -65,6 +65,12 @@ def test_bad_names_and_values_list_choices():
         suite(methods=[{"name": "suite-test-any", "nfe": 2}])
     with pytest.raises(ValueError, match="used twice"):
         suite(methods=[{"name": "suite-test-any", "nfe": [0]}, {"name": "suite-test-any", "nfe": [1]}])
+    one_per_operator = suite(methods=[{"name": "suite-test-any", "nfe": [0], "operators": ["jpeg:quality=10"]},
+                                      {"name": "suite-test-any", "nfe": [1], "operators": ["box:size=8"]}])
+    assert [m.label for m in one_per_operator.methods] == ["suite-test-any"] * 2
+    with pytest.raises(ValueError, match="used twice on one operator"):
+        suite(methods=[{"name": "suite-test-any", "nfe": [0], "operators": ["jpeg:quality=10"]},
+                       {"name": "suite-test-any", "nfe": [1]}])
     with pytest.raises(ValueError, match="missing required key 'operators'"):
         parse_suite({"dataset": "x", "methods": []}, "t")
     with pytest.raises(ValueError, match="built-in suites: .*quick"):
