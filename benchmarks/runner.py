@@ -37,7 +37,6 @@ the counted backward passes (DPS-style guidance).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -68,14 +67,6 @@ COLUMNS = ["suite", "dataset", "image_id", "operator", "method", "nfe", "seed", 
 def slug(text: str) -> str:
     """A file-name-safe form of an operator spec or method label (``jpeg:quality=10`` -> ``jpeg_quality_10``)."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def method_generators(seed: int, ids, device="cpu") -> list[torch.Generator]:
@@ -146,6 +137,7 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
     """Every cell of ``suite``, in run order (operator, seed, method entry, NFE). Checks method names
     against the registry, model references, the model kind each method needs and that each method
     runs on at least one operator (ValueError listing the valid choices)."""
+    from restore.checkpoints import weights_sha256
     from restore.methods import get_method
 
     ops = {spec: build_operator(spec) for spec in suite.operators}
@@ -156,7 +148,7 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
         ref = suite.model_ref(entry)
         path = _check_model(suite, entry, method, ref)
         if path is not None and ref not in shas:
-            shas[ref] = file_sha256(path)
+            shas[ref] = weights_sha256(path)
         specs = [s for s in suite.operators
                  if method.supports(ops[s]) and (entry.operators is None or s in entry.operators)]
         if not specs:

@@ -18,6 +18,7 @@ upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -182,6 +183,19 @@ def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
     meta["card"] = json.loads(raw["card"]) if "card" in raw else None
     meta["wrapper_config"] = json.loads(raw.get("wrapper_config", "{}"))
     return meta
+
+
+def weights_sha256(name_or_path: str | Path) -> str:
+    """sha256 of what determines a checkpoint's outputs: its tensors and metadata without the model card, so that
+    editing a card (metrics, notes) keeps results computed with the checkpoint valid."""
+    path = resolve_model_path(name_or_path)
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))  # safetensors: u64 length, JSON header
+        header.get("__metadata__", {}).pop("card", None)
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",

@@ -124,3 +124,16 @@ def test_bundled_names(model, tmp_path, monkeypatch):
         load_model("no-such-model")
     with pytest.raises(ValueError, match="file .* is missing"):
         load_model("missing-demo")
+
+
+def test_weights_hash_ignores_the_card_only(tmp_path):
+    from restore.checkpoints import weights_sha256
+    from restore.models import EDMDenoiser
+
+    torch.manual_seed(0)
+    model = EDMDenoiser(UNet(UNetConfig.preset("cifar-tiny", img_resolution=8, attention_resolutions=())))
+    a = weights_sha256(save_model(model, tmp_path / "a.safetensors", card={"notes": "first"}))
+    assert weights_sha256(save_model(model, tmp_path / "b.safetensors", card={"notes": "edited", "metrics": {}})) == a
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1
+    assert weights_sha256(save_model(model, tmp_path / "c.safetensors", card={"notes": "first"})) != a
