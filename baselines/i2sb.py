@@ -42,12 +42,12 @@ from functools import cached_property
 import torch
 
 from baselines.common import step_callback
-from baselines.palette import check_operator, degraded_image
+from baselines.palette import degraded_image
 from operators import build_operator
 from operators.utils import Generator, randn
 from restore.checkpoints import register_wrapper
 from restore.methods import register_method
-from restore.models import SIGMA_DATA, _PreconditionedModel, append_dims
+from restore.models import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator
 
 I2SB_OPERATORS = ("jpeg", "box", "randbox", "down")
 # Per-task bridge settings of the paper's scripts (restoration.md §2.1): (beta_max, OT-ODE).

@@ -41,7 +41,7 @@ from operators import build_operator
 from operators.utils import Generator, randn
 from restore.checkpoints import register_wrapper
 from restore.methods import register_method
-from restore.models import EDMDenoiser
+from restore.models import EDMDenoiser, check_operator
 
 PALETTE_OPERATORS = ("jpeg", "box", "randbox", "down")
 
@@ -55,14 +55,6 @@ def degraded_image(op, y: torch.Tensor, generator: Generator = None) -> torch.Te
         return image
     noise = randn(image.shape, generator, device=image.device, dtype=image.dtype)
     return torch.where(mask.to(image.device), image, noise)
-
-
-def check_operator(model, op) -> None:
-    """ValueError unless ``op`` is the operator ``model`` was trained for (same name and parameters)."""
-    trained = build_operator(model.operator)
-    if trained != op:
-        raise ValueError(f"this {model.kind} model was trained for operator {trained.spec!r}, not {op.spec!r}; "
-                         f"a supervised baseline only restores its own degradation (train one per operator)")
 
 
 class Palette(EDMDenoiser):

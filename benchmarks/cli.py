@@ -133,7 +133,7 @@ def models(suite: str, models: dict, reference: str | None, as_json: bool, stric
 
     try:
         spec = load_suite(suite)
-        report = fairness_report((spec.with_models(models) if models else spec).model_refs, reference)
+        report = fairness_report(spec.with_models(models).model_refs, reference)
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     click.echo(json.dumps(report, indent=1) if as_json else render_fairness(report))

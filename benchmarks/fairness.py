@@ -24,8 +24,7 @@ def fairness_report(refs: list[str], reference: str | None = None, tolerance: fl
         ref = next((r for r in records if r.wrapper == "bcm"), records[0])
     else:
         ref = training_record(reference)
-    found = [v for r in records for v in (violations(r, ref, tolerance) if r is not ref else
-                                          violations(r, r, tolerance))]  # the reference: is its training known
+    found = [v for r in records for v in violations(r, ref, tolerance)]  # the reference itself: known or not
     return {"reference": ref.model, "tolerance": tolerance, "models": [r.row() for r in records], "violations": found}
 
 

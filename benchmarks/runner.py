@@ -11,7 +11,8 @@ Layout of an output folder::
     runs.jsonl              environment and summary of every session that added results
 
 **Cells.** A cell is operator x method entry x NFE budget x seed. Its key is a hash of its resolved
-configuration (dataset, operator spec, method, hyper-parameters, sha256 of the model file, NFE, seed),
+configuration (dataset, operator spec, method, hyper-parameters, the model's weights hash -- card edits do
+not count --, NFE, seed),
 so editing a suite invalidates exactly the cells whose configuration changed; labels and the metric
 list are not part of the key (metrics added later are computed from the saved PNGs).
 
@@ -46,6 +47,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,7 @@ class Cell:
         return {"version": RUNNER_VERSION, "dataset": self.dataset, "operator": self.operator, "method": self.method,
                 "hparams": self.hparams, "model_sha256": self.model_sha, "nfe": self.nfe, "seed": self.seed}
 
-    @property
+    @cached_property
     def key(self) -> str:
         return config_hash(self.config)
 
@@ -270,12 +272,6 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
             "world_size": world_size, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -304,7 +300,7 @@ def _degraded_dir(ctx: _Context, spec: str, seed: int) -> Path:
 def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.Tensor) -> torch.Tensor:
     """The measurements of a batch: from the cache, else made once and cached. Leaves ``op`` in the state
     (e.g. random boxes) that produced them."""
-    from restore.io import output_path, write_png
+    from restore.io import atomic_write, output_path, write_png
 
     folder = _degraded_dir(ctx, spec, seed)
     paths = [output_path(folder, i, ".npy") for i in ids]
@@ -316,11 +312,7 @@ def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.T
     with torch.no_grad():  # not inference_mode: gradient-based methods take y into autograd
         y = op.measure(x, gens)
     for p, yi in zip(paths, y.cpu().numpy()):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, yi, allow_pickle=False)
-        os.replace(tmp, p)
+        atomic_write(p, lambda f, yi=yi: np.save(f, yi, allow_pickle=False))
     for k, i in enumerate(ids):
         if i in ctx.grid_ids:
             write_png(_display(y[k:k + 1], x.shape), output_path(folder, i))
@@ -340,9 +332,10 @@ def _model(ctx: _Context, ref: str | None):
         return None, 0
     if ref not in ctx.models:
         from restore.checkpoints import load_model
+        from restore.networks import count_parameters
 
         model = load_model(ref, device=ctx.device).requires_grad_(False)
-        ctx.models[ref] = (model, sum(p.numel() for p in model.parameters()))
+        ctx.models[ref] = (model, count_parameters(model))
     return ctx.models[ref]
 
 
@@ -358,6 +351,14 @@ def _rows(ctx: _Context, cell: Cell, ids, values: dict, seconds: dict, nfe: dict
             "seed": cell.seed, "nfe_budget": cell.nfe, "model": cell.model or "", "params": params, "cell": cell.key}
     return [{**base, "image_id": i, "metric": m, "value": float(v[k]), "seconds": seconds[i],
              "nfe": nfe[i][0], "nfe_backward": nfe[i][1]} for m, v in values.items() for k, i in enumerate(ids)]
+
+
+def _commit(ctx: _Context, cell: Cell, ids, values: dict, seconds: dict, nfe: dict, params: int) -> None:
+    """Journal one batch of per-image results and its ``done`` mark (counted NFE of the batch's first image)."""
+    first = nfe[ids[0]]
+    ctx.journal.commit(_rows(ctx, cell, ids, values, seconds, nfe, params),
+                       {"cell": cell.key, "ids": ids, "metrics": list(values), "seconds": seconds,
+                        "nfe": first[0], "nfe_backward": first[1], "params": params})
 
 
 def _run_batch(ctx: _Context, cell: Cell, method, op, ids: list[str], x: torch.Tensor, y: torch.Tensor) -> None:
@@ -384,10 +385,7 @@ def _run_batch(ctx: _Context, cell: Cell, method, op, ids: list[str], x: torch.T
     per_image = elapsed / len(ids)
     counted = (tally.forward, tally.backward) if tally is not None else (0, 0)
     seconds, nfe = {i: per_image for i in ids}, {i: counted for i in ids}
-    values = _image_metrics(ctx.suite.image_metrics, x_hat, x, y, op)
-    ctx.journal.commit(_rows(ctx, cell, ids, values, seconds, nfe, params),
-                       {"cell": cell.key, "ids": ids, "metrics": list(values), "seconds": seconds,
-                        "nfe": counted[0], "nfe_backward": counted[1], "params": params})
+    _commit(ctx, cell, ids, _image_metrics(ctx.suite.image_metrics, x_hat, x, y, op), seconds, nfe, params)
     ctx.method_seconds += elapsed
     ctx.images_run += len(ids)
 
@@ -398,13 +396,9 @@ def _rescore(ctx: _Context, cell: Cell, op, ids, x, y, metrics: set[str]) -> Non
 
     x_hat = torch.stack([read_image(output_path(cell.out_dir(ctx.out), i)) for i in ids]).to(ctx.device)
     recs = [ctx.finished.images[cell.key, i] for i in ids]
-    values = _image_metrics(sorted(metrics), x_hat, x, y, op)
     seconds = {i: r["seconds"] for i, r in zip(ids, recs)}
     nfe = {i: (r["nfe"], r["nfe_backward"]) for i, r in zip(ids, recs)}
-    params = recs[0]["params"]
-    ctx.journal.commit(_rows(ctx, cell, ids, values, seconds, nfe, params),
-                       {"cell": cell.key, "ids": ids, "metrics": list(values), "seconds": seconds,
-                        "nfe": recs[0]["nfe"], "nfe_backward": recs[0]["nfe_backward"], "params": params})
+    _commit(ctx, cell, ids, _image_metrics(sorted(metrics), x_hat, x, y, op), seconds, nfe, recs[0]["params"])
 
 
 def _batches(ctx: _Context, indices: list[int]) -> list[list[int]]:
@@ -458,8 +452,7 @@ def _reference_key(ctx: _Context) -> str:
     ds = build_dataset(name, split)
     n = min(ref.images or len(ds), len(ds))
     images = torch.cat([to_uint8(x) for _, x in ds.batches(1000, range(n))])
-    key = cached_features(images, device=ctx.device)[0]
-    return key
+    return cached_features(images, device=ctx.device)[0]
 
 
 def _set_key(suite: Suite, ids: list[str]) -> str:
@@ -476,9 +469,9 @@ def _set_metrics(ctx: _Context, cells: list[Cell], indices: list[int], bar) -> N
     if not wanted:
         return
     ids = [ctx.dataset.image_id(i) for i in indices]
+    set_key = _set_key(ctx.suite, ids)
     ref_key = None
     for cell in cells:
-        set_key = _set_key(ctx.suite, ids)
         if set(wanted) <= ctx.finished.sets.get((cell.key, set_key), set()):
             continue
         if any(ctx.finished.missing(cell.key, i, ()) is None for i in ids):
@@ -641,14 +634,14 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     n = min(len(dataset), suite.images or len(dataset), limit or len(dataset))
     indices = list(range(n))
+    ids = [dataset.image_id(i) for i in indices]
     mine = indices[rank::world]
     _, done = read_journals(out)
     ctx = _Context(suite, out, dataset, dev, Journal(out / "records" / f"rank{rank}.jsonl"), Finished(done), rank, world,
-                   grid_ids={dataset.image_id(i) for i in indices[:GRID_IMAGES]})
+                   grid_ids=set(ids[:GRID_IMAGES]))
     bar = _Bar(progress, len(cells) * len(mine))
     try:
-        bar.skip(sum(ctx.finished.missing(c.key, dataset.image_id(i), suite.image_metrics) == set()
-                     for c in cells for i in mine))
+        bar.skip(sum(ctx.finished.missing(c.key, ids[i], suite.image_metrics) == set() for c in cells for i in mine))
         _run_cells(ctx, cells, mine, bar)
         _barrier(world)
         if rank == 0:
@@ -661,25 +654,23 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
                "world_size": world, "images_restored": ctx.images_run, "method_seconds": round(ctx.method_seconds, 3),
                "wall_seconds": round(time.perf_counter() - wall, 3), "failures": ctx.failures}
     if rank == 0:
-        from restore.io import write_csv_atomic
+        from benchmarks.fairness import fairness_report
+        from restore.io import write_csv_atomic, write_text_atomic
 
-        frame = results_frame(out, cells, suite, [dataset.image_id(i) for i in indices])
+        frame = results_frame(out, cells, suite, ids)
         write_csv_atomic(frame, out / "results.csv")
         summary["rows"] = len(frame)
-        from benchmarks.fairness import fairness_report
-
-        models = fairness_report(list(dict.fromkeys(c.model for c in cells if c.model)))
+        models = fairness_report(suite.model_refs)
         summary["fairness_violations"] = models["violations"]
         record = {
             "suite": suite.to_dict(), "images": n, "limit": limit, "environment": environment(dev, world),
-            "models": models,
-            "summary": summary, "grid_ids": [dataset.image_id(i) for i in indices[:GRID_IMAGES]],
+            "models": models, "summary": summary, "grid_ids": ids[:GRID_IMAGES],
             "cells": [{"key": c.key, "label": c.label, "dir": str(c.out_dir(out).relative_to(out)), **c.config,
                        "model": c.model} for c in cells],
             "degraded": {spec: {seed: str(_degraded_dir(ctx, spec, seed).relative_to(out)) for seed in suite.seeds}
                          for spec in suite.operators},
         }
-        _write_json(out / "run.json", record)
+        write_text_atomic(json.dumps(record, indent=1, default=str) + "\n", out / "run.json")
         with open(out / "runs.jsonl", "a", encoding="utf-8") as f:  # every session that added results
             f.write(json.dumps({"environment": record["environment"], "summary": summary}, default=str) + "\n")
     return summary

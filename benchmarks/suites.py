@@ -24,7 +24,7 @@ NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::
     model = "bcm"                # an alias of [models], a bundled name or a path; omitted for model="none"
     nfe = [1, 2, 3, 4]
     hparams = { }                # keyword arguments of the method
-    # label = "bcm-jpeg-s0.1"    # name in tables (default: name); needed to run one method twice
+    # label = "bcm-jpeg-s0.1"    # name in tables (default: name); needed to run one method twice on an operator
     # operators = ["jpeg:quality=10"]   # a subset of the suite's (default: all the method supports)
 
 A cell is operator x method entry x NFE x seed; a method runs only on the suite operators it

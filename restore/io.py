@@ -364,10 +364,12 @@ def _check_images(x: torch.Tensor) -> torch.Tensor:
 def _save_png(x_uint8: np.ndarray, path: Path) -> Path:
     """Write one (C, H, W) uint8 array as PNG, atomically."""
     img = Image.fromarray(x_uint8[0] if x_uint8.shape[0] == 1 else x_uint8.transpose(1, 2, 0))
-    return _atomic_write(path, lambda f: img.save(f, format="PNG"))
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Create ``path`` through ``write(binary_file)`` on a temporary file next to it, then rename: readers never
+    see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -382,7 +384,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a UTF-8 text file (e.g. JSON) atomically."""
-    return _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    return atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def _refuse_protected(path: Path, protected: Iterable[str | os.PathLike]) -> None:
@@ -410,7 +412,7 @@ def write_csv_atomic(rows, path: str | os.PathLike) -> Path:
     appearance) as CSV, atomically."""
     path = Path(path)
     if hasattr(rows, "to_csv"):
-        return _atomic_write(path, lambda f: rows.to_csv(f, index=False))
+        return atomic_write(path, lambda f: rows.to_csv(f, index=False))
     rows = list(rows)
     columns = list(dict.fromkeys(k for row in rows for k in row))
 
@@ -420,9 +422,9 @@ def write_csv_atomic(rows, path: str | os.PathLike) -> Path:
         writer.writeheader()
         writer.writerows(rows)
         text.flush()
-        text.detach()  # leave closing the binary file to _atomic_write
+        text.detach()  # leave closing the binary file to atomic_write
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 class OutputGuard:

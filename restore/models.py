@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from operators import build_operator
 from restore.checkpoints import register_wrapper
 from restore.nfe import NFECounter
 
@@ -73,6 +74,16 @@ def bcm_scalings(t: torch.Tensor, u: torch.Tensor, sigma_data: float = SIGMA_DAT
     sd2 = sigma_data**2
     den = t * t + sd2
     return (t * u + sd2) / den, (t - u) * sigma_data / den.sqrt(), den.rsqrt()
+
+
+def check_operator(model, op) -> None:
+    """ValueError unless ``op`` is the operator a conditional ``model`` (one with an ``operator`` spec: Palette,
+    I2SB) was trained for, same name and parameters; models without one restore any operator."""
+    trained_for = getattr(model, "operator", None)
+    if trained_for is not None and build_operator(trained_for) != op:
+        raise ValueError(f"this {model.kind} model was trained for operator {trained_for!r}, "
+                         f"not {op.spec!r}; a supervised baseline only restores its own degradation "
+                         "(train one per operator)")
 
 
 class _PreconditionedModel(nn.Module):

@@ -61,6 +61,7 @@ from restore.io import (ImageFolder, OutputError, OutputGuard, check_output_dir,
                         write_text_atomic)
 from restore.metrics import consistency_psnr, psnr, ssim
 from restore.methods import get_method
+from restore.models import check_operator
 from restore.nfe import NFECount
 from restore.tiling import tile_rule, tiled_restore
 
@@ -163,9 +164,10 @@ def run_folder(
     except OutputError as e:
         raise RunError(str(e)) from None
     net, model_label = _load(model, meth, device)
-    trained_for = getattr(net, "operator", None)  # conditional models (Palette, I2SB) know their task
-    if trained_for is not None and build_operator(trained_for) != op:
-        raise RunError(f"{model_label} was trained for operator {trained_for}, not {op.spec}")
+    try:
+        check_operator(net, op)  # conditional models (Palette, I2SB) restore only their own degradation
+    except ValueError as e:
+        raise RunError(f"{model_label}: {e}") from None
     if tile is None and net is not None:
         tile = getattr(getattr(getattr(net, "net", None), "config", None), "img_resolution", None)
 

@@ -303,6 +303,17 @@ def test_bundled_models_restore_through_restore_run(family, tag, spec, cifar_tes
     assert [r.split(",")[header.index("nfe_forward")] for r in rows[1:]] == ["2"] * 3
 
 
+def test_restore_run_refuses_a_conditional_model_on_another_operator(cifar_test_uint8, tmp_path):
+    from PIL import Image
+
+    from restore.run import RunError, run_folder
+
+    Image.fromarray(cifar_test_uint8[0]).save(tmp_path / "0.png")
+    with pytest.raises(RunError, match="trained for operator 'jpeg:quality=10', not 'jpeg:quality=20'"):
+        run_folder(tmp_path, tmp_path / "out", operator="jpeg:quality=20", method="i2sb", model="i2sb-cifar10-jpeg10")
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
 def test_bundled_i2sb_beats_the_decoded_jpeg(cifar_test):
     """The one-step I2SB trained on 16k images already improves on the JPEG-10 decode (+1.1 dB on 100 images)."""
     from restore.metrics import psnr
