@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from operators.utils import Generator, randn
-from restore.schedules import karras_sigmas
+from restore.engine.schedules import karras_sigmas
 
 
 def sampling_levels(model, nfe: int, sigma_start: float | None = None) -> list[float]:
@@ -82,6 +82,6 @@ def denoise_with_vjp(model, x: torch.Tensor, sigma: float,
 
 
 def step_callback(callback, x, i, sigma, sigma_next, denoised) -> None:
-    """Report one sampler step with the keys of `restore.sampling` (x, i, sigma, sigma_next, denoised)."""
+    """Report one sampler step with the keys of `restore.engine.sampling` (x, i, sigma, sigma_next, denoised)."""
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})

@@ -45,9 +45,9 @@ from baselines.common import step_callback
 from baselines.palette import degraded_image
 from operators import build_operator
 from operators.utils import Generator, randn
-from restore.checkpoints import register_wrapper
+from restore.engine.wrappers import register_wrapper
 from restore.methods import register_method
-from restore.models import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator
+from restore.engine.wrappers import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator
 
 I2SB_OPERATORS = ("jpeg", "box", "randbox", "down")
 # Per-task bridge settings of the paper's scripts (restoration.md §2.1): (beta_max, OT-ODE).

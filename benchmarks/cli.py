@@ -228,8 +228,8 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     from benchmarks.datasets import build_dataset
     from benchmarks.generation import evaluate_generation, evaluate_inversion, image_grid
     from operators.utils import from_uint8
-    from restore.checkpoints import load_model
-    from restore.io import write_csv_atomic, write_png
+    from restore.engine.checkpoints import load_model
+    from restore.app.io import write_csv_atomic, write_png
 
     try:
         net = load_model(model)

@@ -1,7 +1,7 @@
 """Benchmark datasets: indexable image sets with stable string ids.
 
 Every dataset is a sequence of ``(image_id, image)`` with ``image`` float32 (3, H, W) in [-1, 1]
-(``restore.io``'s conversion rule for files), plus ``ids``, ``labels`` (0-based, or ``None``),
+(``restore.app.io``'s conversion rule for files), plus ``ids``, ``labels`` (0-based, or ``None``),
 ``classes`` and :meth:`Dataset.get_batch` / :meth:`Dataset.batches` to build (B, 3, H, W) batches
 (one fancy-indexing for arrays). Ids never depend on how a dataset is loaded: CIFAR-10 from the npz
 in ``../shared/data`` and from the official python batches give the same ``cifar10-test-00042``.
@@ -13,7 +13,7 @@ Sources (:func:`build_dataset`):
 * ``tinyimagenet`` (split ``val``): ``tinyimagenet200_val_jpeg.npz`` (``jpeg`` concatenated JPEG
   files, image i is ``jpeg[offsets[i]:offsets[i+1]]``, ``y``, ``wnids``), decoded on access (grey
   JPEGs become RGB); ids ``tinyimagenet-val-{index:05d}``.
-* a folder of images (``restore.io.ImageFolder``; ids are relative paths such as ``sub/cat.png``);
+* a folder of images (``restore.app.io.ImageFolder``; ids are relative paths such as ``sub/cat.png``);
 * a CIFAR-10 python folder (``cifar-10-batches-py``: ``data_batch_1..5``, ``test_batch``,
   ``batches.meta``) or one batch file. These are pickles; they are read by :func:`restricted_unpickle`,
   which builds only containers, numbers, strings and numeric numpy arrays and refuses every other
@@ -43,7 +43,7 @@ import torch
 import torch.utils.data
 
 from operators.utils import from_uint8
-from restore.io import ErrorCallback, ImageFolder, ImageReadError, group_by_size, image_size, read_image_uint8
+from restore.app.io import ErrorCallback, ImageFolder, ImageReadError, group_by_size, image_size, read_image_uint8
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -135,7 +135,7 @@ class Dataset(torch.utils.data.Dataset, ABC):
         return ids[0], x[0]
 
     def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Batches of equal-size images over ``indices`` (default all), grouped as in ``restore.io``."""
+        """Batches of equal-size images over ``indices`` (default all), grouped as in ``restore.app.io``."""
         idx = self._check(range(len(self)) if indices is None else indices)
         for group in group_by_size([self.image_size(int(i)) for i in idx], batch_size):
             yield self.get_batch(idx[group])
@@ -235,10 +235,10 @@ class JpegBytesDataset(Dataset):
 
 
 class FolderDataset(Dataset):
-    """A folder of image files (``restore.io.ImageFolder``): ids are relative paths with extension.
+    """A folder of image files (``restore.app.io.ImageFolder``): ids are relative paths with extension.
 
     Unreadable files are reported to ``on_error`` when the folder is listed and left out; a file that
-    passes the header check but fails to decode raises :class:`restore.io.ImageReadError` on access.
+    passes the header check but fails to decode raises :class:`restore.app.io.ImageReadError` on access.
     """
 
     def __init__(self, root: str | os.PathLike, recursive: bool = False, on_error: ErrorCallback | None = None):

@@ -1,8 +1,8 @@
 """The fairness check of a suite's trained models (`restore-bench models`, ``run.json["models"]``).
 
-Each checkpoint's :class:`restore.fairness.TrainingRecord` (size, data split, images seen, training cost) is
+Each checkpoint's :class:`restore.records.fairness.TrainingRecord` (size, data split, images seen, training cost) is
 compared with a reference model -- by default the suite's first BCM, the method the comparison is about -- under
-the rules of :mod:`restore.fairness`.
+the rules of :mod:`restore.records.fairness`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from restore.fairness import TOLERANCE, training_record, violations
+from restore.records.fairness import TOLERANCE, training_record, violations
 
 
 def fairness_report(refs: list[str], reference: str | None = None, tolerance: float = TOLERANCE) -> dict[str, Any]:

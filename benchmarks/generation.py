@@ -4,16 +4,16 @@ The protocols of the BCM paper (Li & He 2024; bcm.md §3, §4, §6), at any samp
 
 * Generation: image ``k`` starts from x_T = sigma_max z_k, with z_k drawn from the generator seeded by
   ``(seed, k)`` (`operators.utils.image_seed`), so samples do not depend on the batch size. BCMs use the
-  paper's chains (one-step, ancestral, zigzag, mixed for NFE 1-4, `restore.sampling.sample_bcm`);
+  paper's chains (one-step, ancestral, zigzag, mixed for NFE 1-4, `restore.engine.sampling.sample_bcm`);
   consistency models CM multistep sampling on Karras levels; EDM denoisers the Heun sampler
   (NFE = 2 steps - 1). FID/KID against a reference set go through `benchmarks.fid`.
-* Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.inversion`); the error is
-  `restore.inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
+* Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.engine.bcm_inversion`); the error is
+  `restore.engine.bcm_inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
   (0.07, 15, 80) for 1 and 2 NFE (the paper's), Karras-spaced levels between 0.07 and 80 beyond that (our
   choice; the paper gives no levels). EDM models integrate the ODE up and down with Heun steps on the
   same Karras levels.
 
-The reported NFE is counted (`restore.nfe`), per image.
+The reported NFE is counted (`restore.engine.nfe`), per image.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from operators.utils import make_generators, randn, to_uint8
-from restore.inversion import bcm_reconstruct, inversion_mse
-from restore.models import BCM, ConsistencyModel, EDMDenoiser
-from restore.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
-from restore.schedules import karras_sigmas
+from restore.engine.bcm_inversion import bcm_reconstruct, inversion_mse
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
+from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
+from restore.engine.schedules import karras_sigmas
 
 INVERSION_NOISE = 0.07  # the small-noise trick of bcm.md §4
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}

@@ -1,4 +1,4 @@
-"""The metric table the benchmark runner uses: per-image PSNR, SSIM, consistency-PSNR (:mod:`restore.metrics`)
+"""The metric table the benchmark runner uses: per-image PSNR, SSIM, consistency-PSNR (:mod:`restore.quality`)
 and set-level FID and KID (:mod:`benchmarks.fid`).
 """
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks import fid as _fid
-from restore.metrics import PSNR_CAP, consistency_psnr, psnr, ssim
+from restore.quality import PSNR_CAP, consistency_psnr, psnr, ssim
 
 __all__ = ["METRICS", "PSNR_CAP", "Metric", "consistency_psnr", "fid", "get_metric", "kid", "psnr", "ssim"]
 

@@ -88,7 +88,7 @@ def image_grids(run_dir: str | os.PathLike, out: str | os.PathLike, *, nfe: int 
     the columns.
     """
     from benchmarks.generation import image_grid
-    from restore.io import output_path, read_image, write_png
+    from restore.app.io import output_path, read_image, write_png
 
     run_dir, out = Path(run_dir), Path(out)
     meta_path = run_dir / "run.json"

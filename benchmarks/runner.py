@@ -58,7 +58,7 @@ from rich.markup import escape
 from benchmarks.suites import Suite, config_hash
 from operators import build_operator
 from operators.utils import make_generators
-from restore.environment import git_state
+from restore.records.provenance import git_state
 
 RUNNER_VERSION = 1  # part of every cell key: bump when the runner's numbers change meaning
 GRID_IMAGES = 8  # degraded input and ground truth are kept as PNG for the first images (grids)
@@ -117,7 +117,7 @@ def _load_dataset(suite: Suite):
 
 def _check_model(suite: Suite, entry, method, ref: str | None) -> Path | None:
     """The checkpoint of a method entry (None for model="none" methods), checked against the kind it needs."""
-    from restore.checkpoints import read_metadata, resolve_model_path
+    from restore.engine.checkpoints import read_metadata, resolve_model_path
 
     if method.model == "none":
         if entry.model is not None:
@@ -139,7 +139,7 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
     """Every cell of ``suite``, in run order (operator, seed, method entry, NFE). Checks method names
     against the registry, model references, the model kind each method needs and that each method
     runs on at least one operator (ValueError listing the valid choices)."""
-    from restore.checkpoints import weights_sha256
+    from restore.engine.checkpoints import weights_sha256
     from restore.methods import get_method
 
     ops = {spec: build_operator(spec) for spec in suite.operators}
@@ -300,7 +300,7 @@ def _degraded_dir(ctx: _Context, spec: str, seed: int) -> Path:
 def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.Tensor) -> torch.Tensor:
     """The measurements of a batch: from the cache, else made once and cached. Leaves ``op`` in the state
     (e.g. random boxes) that produced them."""
-    from restore.io import atomic_write, output_path, write_png
+    from restore.app.io import atomic_write, output_path, write_png
 
     folder = _degraded_dir(ctx, spec, seed)
     paths = [output_path(folder, i, ".npy") for i in ids]
@@ -331,8 +331,8 @@ def _model(ctx: _Context, ref: str | None):
     if ref is None:
         return None, 0
     if ref not in ctx.models:
-        from restore.checkpoints import load_model
-        from restore.networks import count_parameters
+        from restore.engine.checkpoints import load_model
+        from restore.engine.networks import count_parameters
 
         model = load_model(ref, device=ctx.device).requires_grad_(False)
         ctx.models[ref] = (model, count_parameters(model))
@@ -362,7 +362,7 @@ def _commit(ctx: _Context, cell: Cell, ids, values: dict, seconds: dict, nfe: di
 
 
 def _run_batch(ctx: _Context, cell: Cell, method, op, ids: list[str], x: torch.Tensor, y: torch.Tensor) -> None:
-    from restore.io import output_path, write_png
+    from restore.app.io import output_path, write_png
 
     model, params = _model(ctx, cell.model)
     gens = method_generators(cell.seed, ids, ctx.device)
@@ -392,7 +392,7 @@ def _run_batch(ctx: _Context, cell: Cell, method, op, ids: list[str], x: torch.T
 
 def _rescore(ctx: _Context, cell: Cell, op, ids, x, y, metrics: set[str]) -> None:
     """Metrics added to a suite after the method ran: computed from the saved restorations."""
-    from restore.io import output_path, read_image
+    from restore.app.io import output_path, read_image
 
     x_hat = torch.stack([read_image(output_path(cell.out_dir(ctx.out), i)) for i in ids]).to(ctx.device)
     recs = [ctx.finished.images[cell.key, i] for i in ids]
@@ -402,14 +402,14 @@ def _rescore(ctx: _Context, cell: Cell, op, ids, x, y, metrics: set[str]) -> Non
 
 
 def _batches(ctx: _Context, indices: list[int]) -> list[list[int]]:
-    from restore.io import group_by_size
+    from restore.app.io import group_by_size
 
     groups = group_by_size([ctx.dataset.image_size(i) for i in indices], ctx.suite.batch_size)
     return [[indices[j] for j in g] for g in groups]
 
 
 def _run_cells(ctx: _Context, cells: list[Cell], indices: list[int], bar) -> None:
-    from restore.io import output_path
+    from restore.app.io import output_path
     from restore.methods import get_method
 
     ids_of = {i: ctx.dataset.image_id(i) for i in indices}
@@ -463,7 +463,7 @@ def _set_key(suite: Suite, ids: list[str]) -> str:
 def _set_metrics(ctx: _Context, cells: list[Cell], indices: list[int], bar) -> None:
     """FID / KID per cell from the saved PNGs of every image (all ranks), against the reference set."""
     from benchmarks.fid import compute_fid_kid
-    from restore.io import output_path, read_image_uint8
+    from restore.app.io import output_path, read_image_uint8
 
     wanted = ctx.suite.set_metrics
     if not wanted:
@@ -655,7 +655,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
                "wall_seconds": round(time.perf_counter() - wall, 3), "failures": ctx.failures}
     if rank == 0:
         from benchmarks.fairness import fairness_report
-        from restore.io import write_csv_atomic, write_text_atomic
+        from restore.app.io import write_csv_atomic, write_text_atomic
 
         frame = results_frame(out, cells, suite, ids)
         write_csv_atomic(frame, out / "results.csv")

@@ -206,7 +206,7 @@ def _resolve_path(value: str, base: Path | None, names) -> str:
 def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, source: str = "") -> Suite:
     """Validate a suite table (as read from TOML) into a :class:`Suite`; ValueError says what is wrong."""
     from benchmarks.datasets import DATASETS
-    from restore.checkpoints import BUNDLED_MODELS
+    from restore.engine.checkpoints import BUNDLED_MODELS
 
     where = f"suite {name!r}"
     _check_keys(data, SUITE_KEYS, where)

@@ -1,4 +1,4 @@
-"""BCM restoration methods (restore.bcm_restoration) and the plain baselines (restore.plain), against oracles.
+"""BCM restoration methods (restore.methods.bcm) and the plain baselines (restore.methods.plain), against oracles.
 
 Priors: the exact Gaussian BCM (`oracle_bcm`, closed-form jumps) for the chain structure, and the
 empirical BCM over 16 CIFAR-10 test images (`oracle_bcm_empirical`) for restoration of images in the
@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import restore.bcm_restoration  # noqa: F401  (registers the bcm-* methods)
-import restore.plain  # noqa: F401  (registers identity / pinv / bicubic)
+import restore.methods.bcm  # noqa: F401  (registers the bcm-* methods)
+import restore.methods.plain  # noqa: F401  (registers identity / pinv / bicubic)
 from benchmarks.metrics import consistency_psnr, psnr
 from operators import build_operator
 from operators.utils import make_generators
-from restore.bcm_restoration import Round, restoration_rounds, restore_bcm_jpeg, restore_bcm_jpeg_dc
+from restore.methods.bcm import Round, restoration_rounds, restore_bcm_jpeg, restore_bcm_jpeg_dc
 from restore.methods import get_method
-from restore.oracles import GaussianFlow, oracle_bcm, oracle_bcm_empirical
+from restore.engine.oracles import GaussianFlow, oracle_bcm, oracle_bcm_empirical
 
 BCM_METHODS = ("bcm-jpeg", "bcm-jpeg-dc", "bcm-inpaint", "bcm-sr")
 SPECS = {"bcm-jpeg": "jpeg:quality=10", "bcm-jpeg-dc": "jpeg:quality=10", "bcm-inpaint": "box:size=16",

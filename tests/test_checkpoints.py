@@ -11,9 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from restore import checkpoints
-from restore.checkpoints import list_models, load_model, read_metadata, register_wrapper, save_model
-from restore.networks import UNet, UNetConfig, count_parameters
+from restore.engine import checkpoints
+from restore.engine.checkpoints import list_models, load_model, read_metadata, save_model
+from restore.engine.wrappers import register_wrapper
+from restore.engine.networks import UNet, UNetConfig, count_parameters
 
 CONFIG = UNetConfig.preset("cifar-tiny", img_resolution=16, attention_resolutions=(8,), bidirectional=True,
                            num_classes=3, dropout=0.1)
@@ -127,8 +128,8 @@ def test_bundled_names(model, tmp_path, monkeypatch):
 
 
 def test_weights_hash_ignores_the_card_only(tmp_path):
-    from restore.checkpoints import weights_sha256
-    from restore.models import EDMDenoiser
+    from restore.engine.checkpoints import weights_sha256
+    from restore.engine.wrappers import EDMDenoiser
 
     torch.manual_seed(0)
     model = EDMDenoiser(UNet(UNetConfig.preset("cifar-tiny", img_resolution=8, attention_resolutions=())))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from restore.checkpoints import load_model, load_state_dict_file, read_metadata
-from restore.convert import convert_checkpoint, infer_bcm_ict_config
-from restore.models import BCM, ConsistencyModel
-from restore.networks import UNet, UNetConfig
+from restore.engine.checkpoints import load_model, load_state_dict_file, read_metadata
+from restore.engine.convert import convert_checkpoint, infer_bcm_ict_config
+from restore.engine.wrappers import BCM, ConsistencyModel
+from restore.engine.networks import UNet, UNetConfig
 
 LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bcm_imagenet64_layout.json"
 

@@ -15,7 +15,7 @@ from PIL import Image
 from benchmarks import datasets as D
 from conftest import shared_file
 from operators.utils import from_uint8
-from restore.io import ImageReadError
+from restore.app.io import ImageReadError
 
 
 def as_float(x_nhwc: np.ndarray) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Exact inversion on an EDM prior (restore.exact_inversion) and the bdia-restore restorer
-(restore.inversion_restoration), against the Gaussian oracle (closed-form PF ODE) and the empirical
+"""Exact inversion on an EDM prior (restore.engine.exact_inversion) and the bdia-restore restorer
+(restore.methods.inversion), against the Gaussian oracle (closed-form PF ODE) and the empirical
 CIFAR-10 denoiser."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from operators import build_operator
-from restore.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert, edict_sample,
+from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert, edict_sample,
                                      obelm_gammas)
-from restore.inversion_restoration import inversion_nfe, inversion_steps, restore_bdia_restore
+from restore.methods.inversion import inversion_nfe, inversion_steps, restore_bdia_restore
 from restore.methods import get_method
-from restore.oracles import GaussianFlow, oracle_edm, oracle_edm_empirical
-from restore.sampling import edm_ode_invert, sample_euler
-from restore.schedules import karras_sigmas
+from restore.engine.oracles import GaussianFlow, oracle_edm, oracle_edm_empirical
+from restore.engine.sampling import edm_ode_invert, sample_euler
+from restore.engine.schedules import karras_sigmas
 
 MU, S, SMIN, SMAX = 0.3, 0.5, 0.002, 80.0
 FLOW = GaussianFlow(MU, S)

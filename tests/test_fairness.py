@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from benchmarks.cli import main as bench
 from benchmarks.fairness import fairness_report
-from restore.checkpoints import load_model, save_model
-from restore.fairness import TrainingRecord, backbone_parameters, training_record, violations
-from restore.models import EDMDenoiser
-from restore.networks.unet import UNet, UNetConfig, count_parameters
+from restore.engine.checkpoints import load_model, save_model
+from restore.records.fairness import TrainingRecord, backbone_parameters, training_record, violations
+from restore.engine.wrappers import EDMDenoiser
+from restore.engine.networks.unet import UNet, UNetConfig, count_parameters
 from training.cli import main as train
 
 

@@ -1,4 +1,4 @@
-"""BCM inversion, reconstruction, MSE metric and interpolation (restore.inversion), against oracles."""
+"""BCM inversion, reconstruction, MSE metric and interpolation (restore.engine.bcm_inversion), against oracles."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from operators.utils import make_generators
-from restore.inversion import bcm_invert, bcm_reconstruct, interpolate, inversion_mse, slerp
-from restore.oracles import oracle_bcm, oracle_bcm_empirical
+from restore.engine.bcm_inversion import bcm_invert, bcm_reconstruct, interpolate, inversion_mse, slerp
+from restore.engine.oracles import oracle_bcm, oracle_bcm_empirical
 
 from conftest import GAUSSIAN_MU as MU, GAUSSIAN_S as S  # the data of the `g` fixture
 

@@ -1,4 +1,4 @@
-"""restore.io: reading every format and mode, bad files, listing, batching by size, safe writing."""
+"""restore.app.io: reading every format and mode, bad files, listing, batching by size, safe writing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from operators.utils import from_uint8, quantize
-from restore import io as rio
+from restore.app import io as rio
 
 
 def rgb(h=5, w=7, seed=0) -> np.ndarray:
@@ -169,7 +169,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
 
 def test_default_error_report_is_a_logging_warning(tmp_path, caplog):
     make_bad_files(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="restore.io"):
+    with caplog.at_level(logging.WARNING, logger="restore.app.io"):
         folder = rio.ImageFolder(tmp_path)
         list(folder.batches(2))
     assert folder.ids == ["good.png", "truncated.png"]  # truncated passes the header check ...

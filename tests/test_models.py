@@ -1,4 +1,4 @@
-"""Model wrappers, preconditioning, NFE counting and the oracle priors (restore.models / nfe / oracles)."""
+"""Model wrappers, preconditioning, NFE counting and the oracle priors (restore.engine.wrappers / nfe / oracles)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from restore.models import (BCM, ConsistencyModel, EDMDenoiser, append_dims, bcm_scalings, cm_scalings,
+from restore.engine.wrappers import (BCM, ConsistencyModel, EDMDenoiser, append_dims, bcm_scalings, cm_scalings,
                             edm_scalings, noise_label, sigma_from_label)
-from restore.oracles import (EmpiricalDenoiser, GaussianFlow, oracle_bcm, oracle_cm, oracle_edm,
+from restore.engine.oracles import (EmpiricalDenoiser, GaussianFlow, oracle_bcm, oracle_cm, oracle_edm,
                              oracle_edm_empirical)
 
 SD, SMIN, SMAX = 0.5, 0.002, 80.0
@@ -309,6 +309,6 @@ def test_empirical_flow_single_image_matches_closed_form(images):
 
 
 def test_wrappers_are_registered_for_load_model():
-    from restore.checkpoints import get_wrapper
+    from restore.engine.wrappers import get_wrapper
 
     assert (get_wrapper("edm"), get_wrapper("cm"), get_wrapper("bcm")) == (EDMDenoiser, ConsistencyModel, BCM)

@@ -16,7 +16,7 @@ from benchmarks.cli import main
 from benchmarks.runner import run_suite
 from benchmarks.suites import parse_suite
 from benchmarks.tables import render, summarize
-from restore.io import write_png
+from restore.app.io import write_png
 from restore.methods import register_method
 
 

@@ -21,13 +21,13 @@ from PIL import Image
 from benchmarks.metrics import consistency_psnr, psnr
 from operators import build_operator
 from operators.utils import randn
-from restore.checkpoints import save_model
-from restore.cli import main
-from restore.io import read_image
+from restore.engine.checkpoints import save_model
+from restore.app.cli import main
+from restore.app.io import read_image
 from restore.methods import register_method
-from restore.models import BCM
-from restore.networks import UNet, UNetConfig
-from restore.run import RunError, run_folder
+from restore.engine.wrappers import BCM
+from restore.engine.networks import UNet, UNetConfig
+from restore.app.run import RunError, run_folder
 
 STATE = {"interrupt_after": None, "calls": 0, "inference_mode": []}
 
@@ -110,7 +110,7 @@ def test_restores_every_image_and_reports_bad_files(inputs, tmp_path):
     ok = {i: r for i, r in rows.items() if r["status"] == "ok"}
     assert set(ok) == {"a.png", "b.png", "c.jpg", "grey.png", "rgba.png", "sub/d.png"}
     for image_id, row in ok.items():
-        # The identity keeps every input pixel (grey replicated, RGBA composited on white: restore.io's rule).
+        # The identity keeps every input pixel (grey replicated, RGBA composited on white: restore.app.io's rule).
         assert torch.equal(read_image(out / row["output"]), read_image(inputs / image_id))
         assert row["output"] == image_id.rsplit(".", 1)[0] + ".png"
         assert int(row["nfe_forward"]) == 0 and float(row["seconds"]) >= 0 and row["tiles"] == "1"
@@ -210,7 +210,7 @@ def test_other_sizes_are_tiled_exactly_for_a_local_method(tmp_path):
 
 def read_image_of(x, tmp_path):
     """What an image looks like after saving it as PNG."""
-    from restore.io import write_png
+    from restore.app.io import write_png
 
     return read_image(write_png(x, tmp_path / "tmp.png"))
 

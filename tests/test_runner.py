@@ -19,7 +19,7 @@ import torch
 from benchmarks.runner import COLUMNS, read_journals, results_frame, run_suite
 from benchmarks.suites import parse_suite
 from operators.utils import randn
-from restore.io import write_png
+from restore.app.io import write_png
 from restore.methods import register_method
 
 CALLS: Counter = Counter()  # (method, nfe) -> images restored
@@ -179,9 +179,9 @@ def test_gradient_methods_run_outside_inference_mode(images, tmp_path):
 
 
 def test_counted_nfe_and_parameters_with_a_model(images, tmp_path):
-    from restore.checkpoints import save_model
-    from restore.models import BCM, EDMDenoiser
-    from restore.networks import UNet, UNetConfig
+    from restore.engine.checkpoints import save_model
+    from restore.engine.wrappers import BCM, EDMDenoiser
+    from restore.engine.networks import UNet, UNetConfig
 
     torch.manual_seed(0)
     bcm = BCM(UNet(UNetConfig.preset("cifar-tiny", bidirectional=True)))

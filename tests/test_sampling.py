@@ -1,4 +1,4 @@
-"""Schedules, plans and samplers checked against the closed-form Gaussian PF-ODE (restore.schedules / sampling)."""
+"""Schedules, plans and samplers checked against the closed-form Gaussian PF-ODE (restore.engine.schedules / sampling)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from operators.utils import make_generators
-from restore.oracles import EmpiricalDenoiser, GaussianFlow, oracle_bcm, oracle_cm, oracle_edm
-from restore.sampling import (edm_ode_invert, sample_ancestral, sample_bcm, sample_cm_multistep, sample_euler,
+from restore.engine.oracles import EmpiricalDenoiser, GaussianFlow, oracle_bcm, oracle_cm, oracle_edm
+from restore.engine.sampling import (edm_ode_invert, sample_ancestral, sample_bcm, sample_cm_multistep, sample_euler,
                               sample_heun, sample_onestep, sample_plan, sample_zigzag)
-from restore.schedules import (BCM_PAPER_SCHEDULES, Jump, Renoise, ancestral_plan, bcm_paper_plan, check_plan,
+from restore.engine.schedules import (BCM_PAPER_SCHEDULES, Jump, Renoise, ancestral_plan, bcm_paper_plan, check_plan,
                                cm_multistep_plan, karras_sigmas, plan_nfe, zigzag_plan)
 
 from conftest import GAUSSIAN_MU as MU, GAUSSIAN_S as S  # the data of the `g` fixture

@@ -10,7 +10,7 @@ import torch
 
 from operators import build_operator
 from operators.utils import randn
-from restore.tiling import TileRule, blend_window, padded_length, tile_rule, tile_starts, tiled_restore
+from restore.app.tiling import TileRule, blend_window, padded_length, tile_rule, tile_starts, tiled_restore
 
 GEOMETRIES = [(64, 64, 16, 16), (80, 64, 16, 16), (200, 64, 16, 16), (37, 8, 2, 1), (100, 32, 8, 1),
               (96, 32, 0, 16), (40, 16, 4, 4), (33, 33, 5, 1)]

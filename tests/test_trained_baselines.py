@@ -22,10 +22,10 @@ from torch import nn
 from baselines.i2sb import I2SB, BridgeSchedule, i2sb_sample, space_indices
 from baselines.palette import Palette, degraded_image, palette_sample
 from operators import build_operator
-from restore.checkpoints import load_model, read_metadata, save_model
+from restore.engine.checkpoints import load_model, read_metadata, save_model
 from restore.methods import get_method
-from restore.models import sigma_from_label
-from restore.networks.unet import UNet, UNetConfig
+from restore.engine.wrappers import sigma_from_label
+from restore.engine.networks.unet import UNet, UNetConfig
 from training.cli import main
 from training.loop import TrainConfig, train
 from training.paired import I2SBLoss, PaletteLoss
@@ -204,7 +204,7 @@ def test_checkpoints_round_trip_with_operator_and_bridge(tmp_path):
             assert torch.equal(a, b), k
     assert models[1].wrapper_config() == {"operator": "box:size=4", "beta_max": 1.0, "interval": 20, "ot_ode": True}
     # A fresh process finds the wrappers through the method plugins (restore never imports baselines by name).
-    code = ("from restore.checkpoints import load_model; import sys; "
+    code = ("from restore.engine.checkpoints import load_model; import sys; "
             "print(*[load_model(p).wrapper_config()['operator'] for p in sys.argv[1:]])")
     out = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / f"{m.kind}.safetensors") for m in models)],
                          capture_output=True, text=True, check=True)
@@ -288,7 +288,7 @@ def test_help_shows_examples(command):
 def test_bundled_models_restore_through_restore_run(family, tag, spec, cifar_test_uint8, tmp_path):
     from PIL import Image
 
-    from restore.cli import main as restore_cli
+    from restore.app.cli import main as restore_cli
 
     for i in range(3):
         Image.fromarray(cifar_test_uint8[i]).save(tmp_path / f"{i}.png")
@@ -306,7 +306,7 @@ def test_bundled_models_restore_through_restore_run(family, tag, spec, cifar_tes
 def test_restore_run_refuses_a_conditional_model_on_another_operator(cifar_test_uint8, tmp_path):
     from PIL import Image
 
-    from restore.run import RunError, run_folder
+    from restore.app.run import RunError, run_folder
 
     Image.fromarray(cifar_test_uint8[0]).save(tmp_path / "0.png")
     with pytest.raises(RunError, match="trained for operator 'jpeg:quality=10', not 'jpeg:quality=20'"):
@@ -316,7 +316,7 @@ def test_restore_run_refuses_a_conditional_model_on_another_operator(cifar_test_
 
 def test_bundled_i2sb_beats_the_decoded_jpeg(cifar_test):
     """The one-step I2SB trained on 16k images already improves on the JPEG-10 decode (+1.1 dB on 100 images)."""
-    from restore.metrics import psnr
+    from restore.quality import psnr
 
     x = cifar_test[:64]
     op = build_operator("jpeg:quality=10")

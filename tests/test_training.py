@@ -1,7 +1,7 @@
 """Training loop (training/loop.py), data order, `restore-train` CLI, and BCT against the exact Gaussian flow map.
 
 Oracles: an uninterrupted run for exact resume; a permutation property for the data order; the closed-form
-PF-ODE flow map of Gaussian data (restore.oracles.GaussianFlow) for what BCT learns.
+PF-ODE flow map of Gaussian data (restore.engine.oracles.GaussianFlow) for what BCT learns.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from restore.checkpoints import load_model, read_metadata
-from restore.models import BCM, ConsistencyModel, EDMDenoiser
-from restore.networks.unet import UNet, UNetConfig
-from restore.oracles import GaussianFlow
+from restore.engine.checkpoints import load_model, read_metadata
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
+from restore.engine.networks.unet import UNet, UNetConfig
+from restore.engine.oracles import GaussianFlow
 from training.cli import main
 from training.data import ImageData, batch_indices
 from training.loop import TrainConfig, ema_beta, train
@@ -230,8 +230,8 @@ def test_cli_finetunes_a_bcm_from_a_consistency_model(tmp_path, npz):
 
 DDP_SCRIPT = """
 import json, os, sys, torch
-from restore.models import BCM
-from restore.networks.unet import UNet, UNetConfig
+from restore.engine.wrappers import BCM
+from restore.engine.networks.unet import UNet, UNetConfig
 from training.loop import TrainConfig, train
 from training.losses import BCTLoss
 torch.manual_seed(0)

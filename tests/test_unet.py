@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from restore.networks import UNet, UNetConfig, count_parameters
-from restore.networks.layers import AttentionBlock, SyncDropout, timestep_embedding
+from restore.engine.networks import UNet, UNetConfig, count_parameters
+from restore.engine.networks.layers import AttentionBlock, SyncDropout, timestep_embedding
 
 LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bcm_imagenet64_layout.json"
 BCM_IMAGENET64_PARAMS = 279_941_571  # bcm.md §7

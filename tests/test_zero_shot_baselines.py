@@ -21,7 +21,7 @@ from baselines.pigdm import pigdm_guidance
 from benchmarks.metrics import psnr
 from operators import build_operator
 from restore.methods import get_method
-from restore.oracles import oracle_edm, oracle_edm_empirical
+from restore.engine.oracles import oracle_edm, oracle_edm_empirical
 
 GRAD_METHODS = ("dps", "pigdm")
 CASES = [  # (method, operator, steps)

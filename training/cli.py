@@ -22,10 +22,10 @@ from click.core import ParameterSource
 
 from baselines.i2sb import I2SB
 from baselines.palette import Palette
-from restore.checkpoints import load_model
-from restore.fairness import backbone_parameters, parameter_violation, training_record
-from restore.models import BCM, ConsistencyModel, EDMDenoiser
-from restore.networks.unet import UNet, UNetConfig
+from restore.engine.checkpoints import load_model
+from restore.records.fairness import backbone_parameters, parameter_violation, training_record
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
+from restore.engine.networks.unet import UNet, UNetConfig
 from training.data import DATASETS, ImageData, load_npz, resolve_data_path
 from training.finetune import bcm_from_cm
 from training.loop import TrainConfig, train
@@ -60,7 +60,7 @@ def _common_options(*, lr: float, optimizer: str):
         click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
                      help="Continue the run in DIR with its stored options (same as --out DIR)."),
         click.option("--preset", default="cifar-small", show_default=True, metavar="NAME",
-                     help="UNet preset (restore.networks.unet.UNetConfig.preset); resolution/channels follow the data."),
+                     help="UNet preset (restore.engine.networks.unet.UNetConfig.preset); resolution/channels follow the data."),
         click.option("--init", metavar="NAME|PATH",
                      help="Start from this checkpoint instead of a random network (bcm: also a CM checkpoint, "
                           "fine-tuned as in BCF with the identity u-path)."),
@@ -99,7 +99,7 @@ def _common_options(*, lr: float, optimizer: str):
         click.option("--match", metavar="MODEL",
                      help="Train under the fairness rules against MODEL (bundled name or checkpoint with a card): "
                           "its data and split, its number of training images, its batch and preset unless given, "
-                          "and a backbone within ±5 % of its parameters (restore.fairness)."),
+                          "and a backbone within ±5 % of its parameters (restore.records.fairness)."),
         click.option("--chunk", type=click.IntRange(min=1), metavar="N",
                      help="Stop after N steps in this invocation (re-run to continue)."),
         click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import torch
 
-from restore.checkpoints import load_model, save_model
+from restore.engine.checkpoints import load_model, save_model
 from training.state import STATE_JSON
 
 

@@ -12,8 +12,8 @@ import dataclasses
 
 import torch
 
-from restore.models import BCM
-from restore.networks.unet import UNet
+from restore.engine.wrappers import BCM
+from restore.engine.networks.unet import UNet
 
 __all__ = ["bcm_from_cm"]
 
@@ -21,7 +21,7 @@ _U_PATH = ("time_embed_end.", "time_embed_align.")
 
 
 def bcm_from_cm(cm) -> BCM:
-    """A :class:`restore.models.BCM` whose network is ``cm.net`` plus an identity-initialised u pathway.
+    """A :class:`restore.engine.wrappers.BCM` whose network is ``cm.net`` plus an identity-initialised u pathway.
 
     ``cm``: a ``ConsistencyModel`` (or any wrapper whose ``.net`` is a non-bidirectional UNet). The result is on
     the same device/dtype; ``cm`` is left unchanged."""

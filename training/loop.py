@@ -10,7 +10,7 @@ Run directory:
   config.json       resolved config (train recipe, loss, model, data, versions); checked on resume
   log.jsonl         one JSON line every ``log_every`` steps (rank 0)
   state.json + state-<step>.safetensors   resumable state (:mod:`training.state`)
-  ema.safetensors   latest evaluation-EMA model (``restore.checkpoints.save_model``; load with ``restore.load_model``)
+  ema.safetensors   latest evaluation-EMA model (``restore.engine.checkpoints.save_model``; load with ``restore.load_model``)
   checkpoints/ema-<step>.safetensors      EMA snapshots every ``ckpt_every`` steps
 
 Under ``torchrun`` (WORLD_SIZE > 1) the loss is wrapped in DistributedDataParallel (gloo on CPU, nccl on
@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from operators.utils import image_seed
-from restore.checkpoints import save_model
-from restore.environment import environment
+from restore.engine.checkpoints import save_model
+from restore.records.provenance import environment
 from training.data import ImageData, batch_indices
 from training.state import has_state, load_state, save_state
 
@@ -195,7 +195,7 @@ def _progress(enabled: bool):
 def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path, *,
           meta: dict | None = None, max_steps: int | None = None, time_limit: float | None = None,
           device=None, progress: bool = True) -> TrainResult:
-    """Train ``model`` (a restore.models wrapper, modified in place) with ``loss`` on ``data`` (an
+    """Train ``model`` (a restore.engine.wrappers wrapper, modified in place) with ``loss`` on ``data`` (an
     :class:`~training.data.ImageData` or anything it accepts: uint8 NHWC array, float NCHW tensor in [-1, 1]).
 
     Resumes from ``run_dir`` when it holds a state (the recipe must match, :data:`RUNTIME_FIELDS` may differ)

@@ -4,7 +4,7 @@ bidirectional consistency training (BCT).
 Every loss is a small frozen dataclass (its fields are the recipe, written next to every run) called as
 ``loss(model, x, *, step, generator=None, **cond) -> (B,)`` per-sample values; ``loss.terms(...)`` returns the
 named parts (``{"ct": ..., "bct": ...}``) whose sum is the loss. ``model`` is a wrapper from
-:mod:`restore.models` (``EDMDenoiser`` for :class:`EDMLoss`; ``ConsistencyModel`` / ``BCM`` for the consistency
+:mod:`restore.engine.wrappers` (``EDMDenoiser`` for :class:`EDMLoss`; ``ConsistencyModel`` / ``BCM`` for the consistency
 losses), ``x`` clean images (B, C, H, W) in [-1, 1], ``step`` the optimiser step (drives the discretisation
 curriculum), ``generator`` the only source of randomness (noise levels, noise, dropout seed).
 

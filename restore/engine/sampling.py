@@ -3,8 +3,8 @@
 All are free functions with a k-diffusion-style signature
 ``sample_*(model, x, <schedule>, *, generator=None, callback=None, extra_args=None) -> Tensor``:
 
-- ``model``: a wrapper from `restore.models` (``model.jump`` for plans, ``model(x, sigma)`` for the ODE);
-  any callable with the same interface works (e.g. `restore.oracles.EmpiricalDenoiser`).
+- ``model``: a wrapper from `restore.engine.wrappers` (``model.jump`` for plans, ``model(x, sigma)`` for the ODE);
+  any callable with the same interface works (e.g. `restore.engine.oracles.EmpiricalDenoiser`).
 - ``generator``: None, a ``torch.Generator`` or one per image (`operators.utils.randn`); deterministic
   samplers accept it so that samplers are interchangeable, and ignore it.
 - ``callback(d)`` is called once per network step with keys ``x`` (state before the step), ``i``,
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from operators.utils import Generator, randn
-from restore.schedules import (Jump, Step, ancestral_plan, bcm_paper_plan, check_plan, cm_multistep_plan,
+from restore.engine.schedules import (Jump, Step, ancestral_plan, bcm_paper_plan, check_plan, cm_multistep_plan,
                                zigzag_plan)
 
 Callback = Callable[[dict], None] | None
@@ -30,7 +30,7 @@ Callback = Callable[[dict], None] | None
 
 def sample_plan(model, x: torch.Tensor, plan: Sequence[Step], *, generator: Generator = None,
                 callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
-    """Execute a consistency-model plan (`restore.schedules`): ``Jump(t, u)`` -> ``model.jump(x, t, u)``,
+    """Execute a consistency-model plan (`restore.engine.schedules`): ``Jump(t, u)`` -> ``model.jump(x, t, u)``,
     ``Renoise(sigma, std)`` -> ``x + std z``. ``x`` is the state at ``plan[0].t``. This one executor covers
     BCM one-step, ancestral, zigzag and mixed sampling (Li & He 2024, bcm.md §3), BCM inversion, and CM
     multistep sampling (Song et al. 2023, Algorithm 1).
@@ -75,7 +75,7 @@ def sample_zigzag(model, x: torch.Tensor, sigmas=(80.0, 0.002), amplify: Sequenc
 
 def sample_bcm(model, x: torch.Tensor, nfe: int, *, generator: Generator = None, callback: Callback = None,
                extra_args: dict | None = None) -> torch.Tensor:
-    """BCM sampling with the paper's chain for ``nfe`` in 1..4 (`restore.schedules.bcm_paper_plan`), from
+    """BCM sampling with the paper's chain for ``nfe`` in 1..4 (`restore.engine.schedules.bcm_paper_plan`), from
     ``x`` at ``model.sigma_max`` down to ``model.sigma_min``."""
     plan = bcm_paper_plan(nfe, sigma_max=model.sigma_max, sigma_min=model.sigma_min)
     return sample_plan(model, x, plan, generator=generator, callback=callback, extra_args=extra_args)
@@ -85,7 +85,7 @@ def sample_cm_multistep(model, x: torch.Tensor, sigmas, *, generator: Generator 
                         extra_args: dict | None = None) -> torch.Tensor:
     """Consistency-model multistep sampling (Song et al. 2023, Algorithm 1): denoise to sigma_min, re-noise
     with sqrt(sigma_next^2 - sigma_min^2) z, repeat; one NFE per level in ``sigmas`` (a trailing 0 or
-    sigma_min is dropped, see `restore.schedules.cm_multistep_plan`)."""
+    sigma_min is dropped, see `restore.engine.schedules.cm_multistep_plan`)."""
     plan = cm_multistep_plan(sigmas, model.sigma_min)
     return sample_plan(model, x, plan, generator=generator, callback=callback, extra_args=extra_args)
 

@@ -29,7 +29,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def models(as_json: bool) -> None:
     """List the bundled model checkpoints."""
-    from restore.checkpoints import list_models
+    from restore.engine.checkpoints import list_models
 
     rows = list_models()
     if as_json:
@@ -81,7 +81,7 @@ def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe:
     """
     import torch
 
-    from restore.run import RunError, parse_hparams, run_folder
+    from restore.app.run import RunError, parse_hparams, run_folder
 
     def skipped(image_id: str, reason: str) -> None:
         click.echo(f"skipping {image_id}: {reason}", err=True)
@@ -139,7 +139,7 @@ def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int
     """Convert an upstream checkpoint SRC into a safetensors checkpoint DST (nothing is unpickled)."""
     import torch
 
-    from restore.convert import convert_checkpoint
+    from restore.engine.convert import convert_checkpoint
 
     if dst.exists() and not force:
         raise click.ClickException(f"{dst} exists; pass --force to overwrite it")

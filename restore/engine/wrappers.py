@@ -2,7 +2,7 @@
 a consistency model or a bidirectional consistency model.
 
 Every wrapper is an ``nn.Module`` holding ``.net``, the constants ``sigma_min``, ``sigma_max`` and
-``sigma_data``, and ``.counter`` (`restore.nfe.NFECounter`), incremented on every network call.
+``sigma_data``, and ``.counter`` (`restore.engine.nfe.NFECounter`), incremented on every network call.
 The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, cond=None)`` whose
 noise labels are already transformed: the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
 label ``1000 * 0.25 * ln(sigma)``, bcm.md §1.2); ``noise_u`` is passed only by `BCM`.
@@ -19,12 +19,43 @@ import torch
 from torch import nn
 
 from operators import build_operator
-from restore.checkpoints import register_wrapper
-from restore.nfe import NFECounter
+from restore.engine.nfe import NFECounter
+from restore.engine.plugins import load_plugins
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
+
+
+_WRAPPERS: dict[str, type[nn.Module]] = {}
+
+
+def register_wrapper(name: str, cls: type[nn.Module]) -> type[nn.Module]:
+    """Make ``cls`` loadable under ``name``; it is rebuilt as ``cls(net, sigma_min=, sigma_max=, sigma_data=,
+    **wrapper_config)``, where ``wrapper_config`` is what ``model.wrapper_config()`` returned at save time
+    (only for classes that define it)."""
+    if _WRAPPERS.get(name, cls) is not cls:
+        raise ValueError(f"wrapper name {name!r} is already registered to {_WRAPPERS[name].__qualname__}")
+    _WRAPPERS[name] = cls
+    return cls
+
+
+def get_wrapper(name: str) -> type[nn.Module]:
+    """The wrapper class registered as ``name``; unknown names load the plugins first, whose modules register
+    their own wrappers (e.g. the conditional baselines)."""
+    if name not in _WRAPPERS:
+        load_plugins()  # entry points: restore never imports baselines by name
+    if name not in _WRAPPERS:
+        raise ValueError(f"unknown model wrapper {name!r}; registered: {sorted(_WRAPPERS)}")
+    return _WRAPPERS[name]
+
+
+def wrapper_name(model: nn.Module) -> str:
+    for name, cls in _WRAPPERS.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__qualname__} is not a registered wrapper (see register_wrapper); "
+                     f"registered: {sorted(_WRAPPERS)}")
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -89,7 +120,7 @@ def check_operator(model, op) -> None:
 class _PreconditionedModel(nn.Module):
     """Shared machinery: constants, noise-level broadcasting, counted and autocast network calls."""
 
-    kind: str = ""  # registry name used by restore.checkpoints
+    kind: str = ""  # registry name used by restore.engine.checkpoints
     bidirectional = False
 
     def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,

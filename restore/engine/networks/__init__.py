@@ -1,5 +1,5 @@
 """Network backbones: the ADM UNet used by BCM / iCT / EDM models (see `unet.py`)."""
 
-from restore.networks.unet import PRESETS, UNet, UNetConfig, count_parameters
+from restore.engine.networks.unet import PRESETS, UNet, UNetConfig, count_parameters
 
 __all__ = ["PRESETS", "UNet", "UNetConfig", "count_parameters"]

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from operators.utils import Generator, quantize, randn, to_unit
-from restore.sampling import Callback, sample_plan
-from restore.schedules import Jump, ancestral_plan, bcm_paper_plan
+from restore.engine.sampling import Callback, sample_plan
+from restore.engine.schedules import Jump, ancestral_plan, bcm_paper_plan
 
 
 def _ascending(sigmas) -> list[float]:

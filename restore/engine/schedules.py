@@ -3,7 +3,7 @@
 Schedules are 1-D float64 tensors of EDM sigmas (float64 so grid values such as sigma_min are exact;
 samplers read them as Python floats). Descending for sampling, ascending for inversion.
 
-A *plan* is a tuple of steps executed by `restore.sampling.sample_plan`:
+A *plan* is a tuple of steps executed by `restore.engine.sampling.sample_plan`:
 
 - ``Jump(t, u)``: one network evaluation moving the state from noise level t to u (u < t denoises,
   u > t inverts / "amplifies noise"; a classic CM only supports u = sigma_min);

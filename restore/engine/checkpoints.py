@@ -33,45 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from restore.networks import UNet, UNetConfig
+from restore.engine.networks import UNet, UNetConfig
+from restore.engine.wrappers import get_wrapper, wrapper_name
 
 FORMAT = "bcm-restore/1"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-_WRAPPERS: dict[str, type[nn.Module]] = {}
-
-
-def register_wrapper(name: str, cls: type[nn.Module]) -> type[nn.Module]:
-    """Make ``cls`` loadable under ``name``; it is rebuilt as ``cls(net, sigma_min=, sigma_max=, sigma_data=,
-    **wrapper_config)``, where ``wrapper_config`` is what ``model.wrapper_config()`` returned at save time
-    (only for classes that define it)."""
-    if _WRAPPERS.get(name, cls) is not cls:
-        raise ValueError(f"wrapper name {name!r} is already registered to {_WRAPPERS[name].__qualname__}")
-    _WRAPPERS[name] = cls
-    return cls
-
-
-def get_wrapper(name: str) -> type[nn.Module]:
-    """The wrapper class registered as ``name`` (imports `restore.models`, which registers the built-in ones,
-    then the method plugins, whose modules register their own wrappers, e.g. the conditional baselines)."""
-    if name not in _WRAPPERS:
-        importlib.import_module("restore.models")
-    if name not in _WRAPPERS:
-        from restore.methods import _load_plugins  # entry points: restore never imports baselines by name
-
-        _load_plugins()
-    if name not in _WRAPPERS:
-        raise ValueError(f"unknown model wrapper {name!r}; registered: {sorted(_WRAPPERS)}")
-    return _WRAPPERS[name]
-
-
-def wrapper_name(model: nn.Module) -> str:
-    for name, cls in _WRAPPERS.items():
-        if type(model) is cls:
-            return name
-    raise ValueError(f"{type(model).__qualname__} is not a registered wrapper (see register_wrapper); "
-                     f"registered: {sorted(_WRAPPERS)}")
-
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 @dataclass(frozen=True)
 class BundledModel:
@@ -93,7 +59,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
                                 "EDM denoiser, cifar-tiny UNet 0.76 M params, CIFAR-10 32x32; smoke-level budget",
                                 "diffusion prior for BDIA/EDICT, DPS, PiGDM, DDRM, DDNM"),
 }
-# The trained conditional baselines, one per operator, on bcm-cifar10's budget (restore.fairness).
+# The trained conditional baselines, one per operator, on bcm-cifar10's budget (restore.records.fairness).
 BUNDLED_MODELS.update({
     f"{family}-cifar10-{tag}": BundledModel(f"{family}-cifar10-{tag}.safetensors",
                                             f"{what} for {spec}, cifar-tiny UNet, CIFAR-10 32x32; smoke-level budget",

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import import_module
-from importlib.metadata import entry_points
 from typing import Any
 
-ENTRY_POINT_GROUP = "bcm_restore.methods"
-MODEL_KINDS = ("bcm", "cm", "edm", "palette", "i2sb", "none")
+from restore.engine.plugins import load_plugins
+
+NO_MODEL = "none"  # the ``model`` of a method that needs no network
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class Method:
     fn: Callable[..., Any]
     blind: bool
     operators: tuple[str, ...] | None  # operator names it supports; None: any operator
-    model: str  # the wrapper it needs: one of MODEL_KINDS ("none": needs no network)
+    model: str  # the registered wrapper name it needs (`restore.engine.wrappers`), or NO_MODEL
     default_nfe: int
     description: str
     needs_grad: bool = False  # uses autograd (DPS-style guidance): callers must not run it in inference_mode
@@ -53,14 +52,13 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_plugins_loaded = False
 
 
 def register_method(name: str, *, blind: bool, model: str, operators: tuple[str, ...] | None = None,
                     default_nfe: int = 2, description: str | None = None, needs_grad: bool = False) -> Callable:
     """Decorator registering ``fn`` as method ``name``; the description defaults to the docstring's first line."""
-    if model not in MODEL_KINDS:
-        raise ValueError(f"model must be one of {', '.join(MODEL_KINDS)}, got {model!r}")
+    if not model or not isinstance(model, str):
+        raise ValueError(f"model must be a wrapper name or {NO_MODEL!r}, got {model!r}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS and _METHODS[name].fn is not fn:
@@ -73,18 +71,9 @@ def register_method(name: str, *, blind: bool, model: str, operators: tuple[str,
     return decorate
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        import_module(entry.value)
-
-
 def get_method(name: str) -> Method:
     """The registered method ``name``; ValueError listing the registered names otherwise."""
-    _load_plugins()
+    load_plugins()
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(_METHODS)) or '(none)'}")
     return _METHODS[name]
@@ -92,5 +81,5 @@ def get_method(name: str) -> Method:
 
 def list_methods() -> list[dict[str, Any]]:
     """Every registered method as a dict (name, blind, operators, model, default_nfe, description), by name."""
-    _load_plugins()
+    load_plugins()
     return [_METHODS[name].describe() for name in sorted(_METHODS)]

@@ -16,10 +16,10 @@ Pipeline of `restore_bdia_restore` (registered as ``bdia-restore``):
 What exactness implies: without data consistency an exact inversion is undone exactly by regeneration, so the
 output is D(x_start; sigma_in) whatever sigma_s and the number of steps (tested): the restoration comes
 only from the final denoising at sigma_in and from the data-consistency steps, which make the regeneration
-leave the inverted trajectory. An approximate inversion (DDIM here, BCM's jumps in restore.inversion) instead
+leave the inverted trajectory. An approximate inversion (DDIM here, BCM's jumps in restore.engine.bcm_inversion) instead
 regenerates a different image; that difference is what a BCM-vs-BDIA comparison on the same task measures.
 
-Deviations: BDIA/EDICT are defined for VP latents; they run here in EDM sigma-space (restore.exact_inversion);
+Deviations: BDIA/EDICT are defined for VP latents; they run here in EDM sigma-space (restore.engine.exact_inversion);
 the data-consistency variant is ours (the papers do editing, not restoration).
 """
 
@@ -28,11 +28,11 @@ from __future__ import annotations
 import torch
 
 from operators.utils import Generator, randn
-from restore.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert,
+from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert,
                                      edict_sample, obelm_gammas)
 from restore.methods import register_method
-from restore.sampling import Callback
-from restore.schedules import karras_sigmas
+from restore.engine.sampling import Callback
+from restore.engine.schedules import karras_sigmas
 
 METHODS = ("bdia", "edict", "ddim")
 DC_MODES = ("step", "end", "none")
@@ -70,7 +70,7 @@ def restore_bdia_restore(model, y: torch.Tensor, op, *, nfe: int, generator: Gen
     Hyper-parameters: ``method`` in bdia|edict|ddim; ``sigma_s`` top of the inversion (5.0, untuned; the BCM
     restorers use 0.5-2 per task); ``sigma_in`` the level the input is treated at and ``noise`` the std of the
     noise added to it (BCM's 0.07 trick; noise = 0 makes the method deterministic); ``gamma`` BDIA's gamma, a float or
-    "obelm" (per-step O-BELM gamma, `restore.exact_inversion.obelm_gammas`). The default matters once data
+    "obelm" (per-step O-BELM gamma, `restore.engine.exact_inversion.obelm_gammas`). The default matters once data
     consistency perturbs the regeneration: where the denoiser is locally constant (high noise, or a memorising
     prior) BDIA's perturbations follow the roots sigma_{i+1}/sigma_i (physical) and -gamma r (parasitic) on a grid
     of ratio r = sigma_i/sigma_{i+1}, so a constant gamma near 1 amplifies them by up to r per step on a Karras

@@ -52,7 +52,7 @@ UNVERIFIED; the official code only has the JPEG-degradation hook):
 Choosing ``noise``: an up-jump treats x + noise z as a trajectory point at t = noise. A learned BCM
 mostly keeps what it does not recognise as noise (JPEG blocks, blur) in its denoised estimate and
 amplifies the added noise, which is the paper's "noise amplification". An exact flow map (the oracles
-of `restore.oracles`) instead amplifies the image's whole deviation from the data by sigma_i / noise:
+of `restore.engine.oracles`) instead amplifies the image's whole deviation from the data by sigma_i / noise:
 up + down then equals one jump from ``noise`` to sigma_min, the up levels do not matter, and a start
 far off the data (a noise-filled hole) is sent far off the trajectory. Hence bcm-inpaint starts its
 first inversion at t = ``fill``, where the filled hole looks like a trajectory point. The re-noise
@@ -68,8 +68,8 @@ import torch
 
 from operators.utils import Generator, randn
 from restore.methods import register_method
-from restore.sampling import Callback, sample_plan
-from restore.schedules import Jump, Plan, check_plan, plan_nfe
+from restore.engine.sampling import Callback, sample_plan
+from restore.engine.schedules import Jump, Plan, check_plan, plan_nfe
 
 # Default levels (sigma_start, sigma_end) and small noise per task: untuned, chosen from the sizes of the
 # degradations on CIFAR-10 in [-1, 1] (JPEG q10 error RMS ~0.13; a 16 px hole needs generation from
@@ -92,7 +92,7 @@ class Round(NamedTuple):
 
 
 def round_plan(rnd: Round, sigma_min: float) -> Plan:
-    """The jumps of one round (`restore.schedules` plan), ending at ``sigma_min``. The round starts by
+    """The jumps of one round (`restore.engine.schedules` plan), ending at ``sigma_min``. The round starts by
     adding ``plan[0].t * z`` to the image (plans start with a jump, so that noise is not part of it)."""
     if rnd.noise is None:
         return check_plan((Jump(rnd.sigma, sigma_min),))
@@ -135,7 +135,7 @@ def invert_regenerate(model, x: torch.Tensor, rounds: Sequence[Round], *,
                       project: Callable[[torch.Tensor], torch.Tensor] | None = None, generator: Generator = None,
                       callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
     """Run ``rounds`` (`Round`) on ``x`` with a BCM, applying ``project`` after each (the core loop of every
-    method here). ``callback`` gets the `restore.sampling.sample_plan` payload per jump with ``i`` counted
+    method here). ``callback`` gets the `restore.engine.sampling.sample_plan` payload per jump with ``i`` counted
     over all rounds and ``round`` added. NFE = sum of 1 per re-noise round and 2 per zigzag round."""
     i = 0
     for r, rnd in enumerate(rounds):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from operators.utils import image_seed
-from restore.networks.layers import (
+from restore.engine.networks.layers import (
     AttentionBlock,
     Downsample,
     EmbedSequential,

@@ -1,9 +1,9 @@
 """Restore every image of a folder with one method and operator: the engine behind ``restore run``.
 
-:func:`run_folder` reads ``INPUT_DIR`` (:class:`restore.io.ImageFolder`), restores each image with a
+:func:`run_folder` reads ``INPUT_DIR`` (:class:`restore.app.io.ImageFolder`), restores each image with a
 registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
 
-* ``<image id>.png`` per image (sub-folders kept, suffix ``.png``; :class:`restore.io.OutputGuard`
+* ``<image id>.png`` per image (sub-folders kept, suffix ``.png``; :class:`restore.app.io.OutputGuard`
   never overwrites an input and refuses ``OUTPUT_DIR == INPUT_DIR``);
 * ``degraded/<image id>.png`` with ``degrade=True``: the inputs are then clean images, degraded
   first with ``op.measure``; the measurement is quantised to 8 bit, i.e. the method sees exactly the
@@ -30,8 +30,8 @@ Randomness is per image: the measurement of image ``i`` draws from
 of a tiled image: ``f"{i}#tile{k}"``), so outputs do not depend on batch size or order.
 
 Sizes: images whose output size is the network's native size ``T`` are batched (equal sizes only,
-:func:`restore.io.group_by_size`); others are restored in overlapping ``T`` x ``T`` tiles
-(:mod:`restore.tiling`) when the operator acts locally (``jpeg``, ``down``), and refused with a
+:func:`restore.app.io.group_by_size`); others are restored in overlapping ``T`` x ``T`` tiles
+(:mod:`restore.app.tiling`) when the operator acts locally (``jpeg``, ``down``), and refused with a
 :class:`RunError` naming the size the model takes otherwise (``box``, ``randbox``). Methods
 without a network restore whole images of any size unless ``tile`` is given.
 
@@ -56,14 +56,14 @@ from torch import nn
 
 from operators import build_operator
 from operators.utils import make_generators, quantize
-from restore.environment import environment
-from restore.io import (ImageFolder, OutputError, OutputGuard, check_output_dir, read_image, write_csv_atomic,
+from restore.records.provenance import environment
+from restore.app.io import (ImageFolder, OutputError, OutputGuard, check_output_dir, read_image, write_csv_atomic,
                         write_text_atomic)
-from restore.metrics import consistency_psnr, psnr, ssim
+from restore.quality import consistency_psnr, psnr, ssim
 from restore.methods import get_method
-from restore.models import check_operator
-from restore.nfe import NFECount
-from restore.tiling import tile_rule, tiled_restore
+from restore.engine.wrappers import check_operator
+from restore.engine.nfe import NFECount
+from restore.app.tiling import tile_rule, tiled_restore
 
 __all__ = ["COLUMNS", "RunError", "RunSummary", "measurement_generators", "parse_hparams", "run_folder"]
 
@@ -276,7 +276,7 @@ def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
     if isinstance(model, nn.Module):
         net, label = model, f"<{type(model).__name__} object>"
     else:
-        from restore.checkpoints import load_model
+        from restore.engine.checkpoints import load_model
 
         path = Path(model)
         label = str(path.resolve()) if path.is_file() else str(model)

@@ -5,7 +5,7 @@
 - `EmpiricalDenoiser`: the optimal denoiser of a finite image set (a real, weight-free prior),
   D(x; sigma) = sum_i softmax_i(-||x - x_i||^2 / (2 sigma^2)) x_i; its flow map integrates the PF ODE.
 - `oracle_edm`, `oracle_cm`, `oracle_bcm` (and `*_empirical`): the real wrapper classes of
-  `restore.models` around an `OracleNet` that inverts the preconditioning, F = (target - c_skip x)/c_out,
+  `restore.engine.wrappers` around an `OracleNet` that inverts the preconditioning, F = (target - c_skip x)/c_out,
   so the wrapped model is exact. The net decodes t (and u) from the noise labels it receives
   (250 ln sigma), i.e. the oracle goes through exactly the code path of a trained network, NFE counting
   included.
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from operators.utils import Generator, randn
-from restore.models import (BCM, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ConsistencyModel, EDMDenoiser, append_dims,
+from restore.engine.wrappers import (BCM, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ConsistencyModel, EDMDenoiser, append_dims,
                             bcm_scalings, cm_scalings, edm_scalings, sigma_from_label)
-from restore.sampling import edm_ode_invert, sample_heun
-from restore.schedules import karras_sigmas
+from restore.engine.sampling import edm_ode_invert, sample_heun
+from restore.engine.schedules import karras_sigmas
 
 
 def _level(v, x: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ alpha = 1 and sigma = the EDM noise level (inversion.md §1); every deviation is
 
 k-diffusion-style free functions ``f(model, x, sigmas, ..., *, generator=None, callback=None, extra_args=None)``:
 
-- ``model(x, sigma, **extra_args) -> x0_hat`` (an `restore.models.EDMDenoiser`; its wrapper counts the NFE);
-- ``sigmas``: 1-D levels as from `restore.schedules.karras_sigmas` -- **descending** for the samplers (may end
-  in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0), as `restore.sampling`
+- ``model(x, sigma, **extra_args) -> x0_hat`` (an `restore.engine.wrappers.EDMDenoiser`; its wrapper counts the NFE);
+- ``sigmas``: 1-D levels as from `restore.engine.schedules.karras_sigmas` -- **descending** for the samplers (may end
+  in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0), as `restore.engine.sampling`
   does; regenerate with the inversion's levels reversed, ``sigmas.flip(0)``;
 - ``callback(d)`` once per network call with keys ``x``, ``i``, ``sigma``, ``sigma_next``, ``denoised``;
 - ``generator`` is accepted for interchangeability and ignored (all are deterministic).
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from operators.utils import Generator
-from restore.sampling import Callback, check_monotone
+from restore.engine.sampling import Callback, check_monotone
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 Gamma = float | Sequence[float] | torch.Tensor
@@ -61,7 +61,7 @@ def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next:
 def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                 extra_args: dict | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021,
-    Eq. 12, eta = 0; inversion.md §2.1). Algebraically `restore.sampling.sample_euler`. NFE = len(sigmas) - 1."""
+    Eq. 12, eta = 0; inversion.md §2.1). Algebraically `restore.engine.sampling.sample_euler`. NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=True)
     for i in range(len(s) - 1):
         x = ddim_step(x, _denoise(model, x, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from restore.checkpoints import get_wrapper, load_state_dict_file, save_model
-from restore.networks import UNet, UNetConfig
+from restore.engine.checkpoints import load_state_dict_file, save_model
+from restore.engine.wrappers import get_wrapper
+from restore.engine.networks import UNet, UNetConfig
 
 FORMATS = ("bcm-ict",)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from restore.checkpoints import read_metadata
-from restore.networks.unet import UNet, UNetConfig
+from restore.engine.checkpoints import read_metadata
+from restore.engine.networks.unet import UNet, UNetConfig
 
 __all__ = ["TOLERANCE", "U_BRANCH", "backbone_parameters", "parameter_violation", "TrainingRecord", "training_record", "violations"]
 
