@@ -229,7 +229,8 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     from benchmarks.generation import evaluate_generation, evaluate_inversion, image_grid
     from operators.utils import from_uint8
     from restore.engine.checkpoints import load_model
-    from restore.app.io import write_csv_atomic, write_png
+    from restore.app.io import write_png
+    from restore.runtime.files import write_csv_atomic
 
     try:
         net = load_model(model)

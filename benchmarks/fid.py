@@ -33,7 +33,6 @@ import hashlib
 import importlib.util
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ import scipy.linalg
 import torch
 
 from operators.utils import to_uint8
+from restore.runtime.files import atomic_write
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 EXTRACTOR_NAME = "inception-v3-compat"
@@ -179,17 +179,8 @@ def convert_inception_weights(dst: str | Path, src: str | Path | None = None) ->
     process never leaves a truncated file under the name torch-fidelity looks for.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     state = converted_state_dict(load_torchscript_inception(src))
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return atomic_write(dst, lambda f: torch.save(state, f))
 
 
 def inception_weights_path(path: str | Path | None = None) -> Path:
@@ -334,15 +325,7 @@ def cached_features(
     if path.is_file():
         return key, load_cached_features(key, directory)
     feats = (extract or inception_features)(images, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=feats, extractor=np.array(EXTRACTOR_ID))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, features=feats, extractor=np.array(EXTRACTOR_ID)))
     return key, feats
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from operators.utils import from_uint8, quantize
 from restore.app import io as rio
+from restore.runtime.files import write_csv_atomic
 
 
 def rgb(h=5, w=7, seed=0) -> np.ndarray:
@@ -329,10 +330,10 @@ def test_guard_names_keep_subfolders_and_avoid_clashes(tmp_path):
 def test_write_csv_atomic_rows_and_dataframe(tmp_path):
     pd = pytest.importorskip("pandas")
     rows = [{"image_id": "a.png", "psnr": 30.5}, {"image_id": "b,c.png", "psnr": 28.0, "ssim": 0.9}]
-    path = rio.write_csv_atomic(rows, tmp_path / "m.csv")
+    path = write_csv_atomic(rows, tmp_path / "m.csv")
     with open(path, newline="") as f:
         back = list(csv.DictReader(f))
     assert [r["image_id"] for r in back] == ["a.png", "b,c.png"] and list(back[0]) == ["image_id", "psnr", "ssim"]
-    rio.write_csv_atomic(pd.DataFrame(rows), path)
+    write_csv_atomic(pd.DataFrame(rows), path)
     assert pd.read_csv(path)["image_id"].tolist() == ["a.png", "b,c.png"]
     assert sorted(os.listdir(tmp_path)) == ["m.csv"]

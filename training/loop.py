@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from torch import nn
 from operators.utils import image_seed
 from restore.engine.checkpoints import save_model
 from restore.records.provenance import environment
+from restore.runtime import distributed
+from restore.runtime.progress import progress_bar
 from training.data import ImageData, batch_indices
 from training.state import has_state, load_state, save_state
 
@@ -132,22 +133,6 @@ class _Objective(nn.Module):
         return self.loss.terms(self.model, x, step=step, generator=generator)
 
 
-def _dist_setup(device) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if device is None:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            device = torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def _describe(model: nn.Module, loss, data: ImageData, config: TrainConfig, meta: dict | None) -> dict:
     net_config = getattr(getattr(model, "net", None), "config", None)
     return {
@@ -183,15 +168,6 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
                weight_decay=config.weight_decay)
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
-                    transient=False)
-
-
 def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path, *,
           meta: dict | None = None, max_steps: int | None = None, time_limit: float | None = None,
           device=None, progress: bool = True) -> TrainResult:
@@ -204,7 +180,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
     ``meta``: extra JSON-able entries for config.json (e.g. the CLI's options).
     """
     data = data if isinstance(data, ImageData) else ImageData(data)
-    rank, world, device = _dist_setup(device)
+    rank, world, device = distributed.setup(device)
     if config.batch % world:
         raise ValueError(f"batch {config.batch} is not divisible by the number of processes {world}")
     run_dir = Path(run_dir)
@@ -255,7 +231,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
         if world > 1:
             dist.barrier()
 
-    bar = _progress(progress and is_main)
+    bar = progress_bar("train", enabled=progress and is_main, fields=("info",))
     task = bar.add_task("train", total=config.steps, completed=step, info="")
     mid_update = False  # between optimizer.step() and the step counter: no consistent state to save
     try:

@@ -11,11 +11,12 @@ JSON: step, images seen, optimizer ``param_groups`` and non-tensor per-parameter
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from restore.runtime.files import atomic_path, write_text_atomic
 
 __all__ = ["save_state", "load_state", "has_state"]
 
@@ -62,14 +63,11 @@ def save_state(run_dir: str | Path, *, step: int, images: int, model: torch.nn.M
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     name = f"state-{step:08d}.safetensors"
-    tmp = run_dir / (name + ".tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, run_dir / name)
+    with atomic_path(run_dir / name) as tmp:
+        save_file(tensors, tmp)
     meta = {"step": step, "images": images, "tensors": name, "optimizer": optim_meta, "extra": extra or {}}
-    tmp_json = run_dir / (STATE_JSON + ".tmp")
-    tmp_json.write_text(json.dumps(meta, indent=1))
     old = json.loads((run_dir / STATE_JSON).read_text())["tensors"] if has_state(run_dir) else None
-    os.replace(tmp_json, run_dir / STATE_JSON)
+    write_text_atomic(json.dumps(meta, indent=1), run_dir / STATE_JSON)
     if old and old != name:
         (run_dir / old).unlink(missing_ok=True)
     return run_dir / name

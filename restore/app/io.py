@@ -47,11 +47,9 @@ input file. :func:`output_path` maps an id to its output file (sub-folders kept,
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +60,7 @@ import torch
 from PIL import ExifTags, Image
 
 from operators.utils import from_uint8, to_uint8
+from restore.runtime.files import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -78,7 +77,6 @@ __all__ = [
     "output_path",
     "read_image",
     "read_image_uint8",
-    "write_csv_atomic",
     "write_png",
 ]
 
@@ -367,26 +365,6 @@ def _save_png(x_uint8: np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Create ``path`` through ``write(binary_file)`` on a temporary file next to it, then rename: readers never
-    see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write a UTF-8 text file (e.g. JSON) atomically."""
-    return atomic_write(Path(path), lambda f: f.write(text.encode()))
-
-
 def _refuse_protected(path: Path, protected: Iterable[str | os.PathLike]) -> None:
     target = path.resolve()
     if any(target == Path(p).resolve() for p in protected):
@@ -405,26 +383,6 @@ def write_png(x: torch.Tensor, path: str | os.PathLike, protect: Iterable[str | 
         raise ValueError(f"write_png writes one image, got a batch of {x.shape[0]}")
     _refuse_protected(path, protect)
     return _save_png(to_uint8(x[0]).cpu().numpy(), path)
-
-
-def write_csv_atomic(rows, path: str | os.PathLike) -> Path:
-    """Write a pandas DataFrame (no index) or an iterable of dicts (columns in order of first
-    appearance) as CSV, atomically."""
-    path = Path(path)
-    if hasattr(rows, "to_csv"):
-        return atomic_write(path, lambda f: rows.to_csv(f, index=False))
-    rows = list(rows)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(f: BinaryIO) -> None:
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        writer = csv.DictWriter(text, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        text.flush()
-        text.detach()  # leave closing the binary file to atomic_write
-
-    return atomic_write(path, write)
 
 
 class OutputGuard:

@@ -25,9 +25,8 @@ output file, so an interrupted run continues where it stopped; the settings must
 previous run's ``run.json`` (a mix of settings in one folder would be unusable) unless
 ``overwrite=True``, which restores everything again.
 
-Randomness is per image: the measurement of image ``i`` draws from
-:func:`measurement_generators` and its restoration from ``make_generators(seed, [i])`` (tile ``k``
-of a tiled image: ``f"{i}#tile{k}"``), so outputs do not depend on batch size or order.
+Randomness is per image and the same as the benchmark runner's (`restore.runtime.seeds`): the same image
+id and seed give the same measurement and the same restoration whatever the batch size or order.
 
 Sizes: images whose output size is the network's native size ``T`` are batched (equal sizes only,
 :func:`restore.app.io.group_by_size`); others are restored in overlapping ``T`` x ``T`` tiles
@@ -55,17 +54,19 @@ import torch
 from torch import nn
 
 from operators import build_operator
-from operators.utils import make_generators, quantize
+from operators.utils import quantize
 from restore.records.provenance import environment
-from restore.app.io import (ImageFolder, OutputError, OutputGuard, check_output_dir, read_image, write_csv_atomic,
-                        write_text_atomic)
+from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image
+from restore.runtime.files import write_csv_atomic, write_text_atomic
+from restore.runtime.progress import progress_bar
+from restore.runtime.seeds import measurement_generators, restoration_generators, tile_id
 from restore.quality import consistency_psnr, psnr, ssim
 from restore.methods import get_method
 from restore.engine.wrappers import check_operator
 from restore.engine.nfe import NFECount
 from restore.app.tiling import tile_rule, tiled_restore
 
-__all__ = ["COLUMNS", "RunError", "RunSummary", "measurement_generators", "parse_hparams", "run_folder"]
+__all__ = ["COLUMNS", "RunError", "RunSummary", "parse_hparams", "run_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,6 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-def measurement_generators(seed: int, image_ids: Sequence[str], device="cpu") -> list[torch.Generator]:
-    """Per-image generators for ``op.measure`` (a stream separate from the restoration's)."""
-    return make_generators(seed, [f"measure/{i}" for i in image_ids], device)
 
 
 def parse_hparams(items: Iterable[str]) -> dict[str, Any]:
@@ -216,7 +212,8 @@ def run_folder(
     grad = contextlib.nullcontext() if meth.needs_grad else torch.inference_mode()
     saved = time.monotonic()
     try:
-        with grad, _progress(progress, len(todo)) as (bar, task):
+        with grad, progress_bar("restore", enabled=progress) as bar:
+            task = bar.add_task("restore", total=len(todo))
             for ids, x in folder.batches(batch_size, skip=done):
                 x = x.to(device)
                 y = quantize(op.measure(x, measurement_generators(seed, ids))) if degrade else x
@@ -364,7 +361,7 @@ class _Job:
 
             def restore_tiles(tiles: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
                 keys_seen.extend(keys)
-                return self._call(tiles, [f"{image_id}#tile{key}" for key in keys])
+                return self._call(tiles, [tile_id(image_id, key) for key in keys])
 
             part, tally, seconds = self._timed(lambda: tiled_restore(
                 restore_tiles, y[k:k + 1], tile=self.tile, overlap=self.overlap, rule=self.rule, batch_size=self.batch_size))
@@ -373,7 +370,7 @@ class _Job:
         return torch.cat(parts), stats
 
     def _call(self, y: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        gens = make_generators(self.seed, keys)
+        gens = restoration_generators(self.seed, keys)
         return self.meth(self.net, y, self.op, nfe=self.nfe, generator=gens, **self.hparams)
 
     def _timed(self, fn) -> tuple[torch.Tensor, NFECount, float]:
@@ -452,14 +449,3 @@ def _write_manifest(out: Path, rows: dict[str, dict], failed: Mapping[str, str])
     ordered = [{c: rows[i].get(c, "") for c in COLUMNS} for i in sorted(rows)]
     write_csv_atomic(ordered, out / MANIFEST)
     return ordered
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]restore"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-    with bar:
-        yield bar, bar.add_task("restore", total=total)

@@ -19,9 +19,7 @@ upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from restore.engine.networks import UNet, UNetConfig
+from restore.runtime.files import atomic_path
 from restore.engine.wrappers import get_wrapper, wrapper_name
 
 FORMAT = "bcm-restore/1"
@@ -125,12 +124,9 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
         metadata["wrapper_config"] = json.dumps(model.wrapper_config())
     if card is not None:
         metadata["card"] = json.dumps(card)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a crash never leaves a truncated checkpoint
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:  # a crash never leaves a truncated checkpoint
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
