@@ -201,7 +201,7 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
 @main.command()
 @click.argument("model")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@click.option("--data", default="cifar10", show_default=True, help="Dataset name or path (see benchmarks.datasets).")
+@click.option("--data", default="cifar10", show_default=True, help="Dataset name or path (see restore.datasets).")
 @click.option("--reference-split", default="train", show_default=True, help="Split of --data that FID compares with.")
 @click.option("--inversion-split", default="test", show_default=True, help="Split of --data whose images are inverted.")
 @click.option("--n", type=click.IntRange(min=2), default=1000, show_default=True,
@@ -225,7 +225,7 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     import pandas as pd
     import torch
 
-    from benchmarks.datasets import build_dataset
+    from restore.datasets import build_dataset
     from benchmarks.generation import evaluate_generation, evaluate_inversion, image_grid
     from operators.utils import from_uint8
     from restore.engine.checkpoints import load_model

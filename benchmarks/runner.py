@@ -40,9 +40,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import re
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -58,7 +56,7 @@ from rich.markup import escape
 from benchmarks.suites import Suite, config_hash
 from operators import build_operator
 from operators.utils import make_generators
-from restore.records.provenance import git_state
+from restore.records.provenance import environment
 
 RUNNER_VERSION = 1  # part of every cell key: bump when the runner's numbers change meaning
 GRID_IMAGES = 8  # degraded input and ground truth are kept as PNG for the first images (grids)
@@ -108,7 +106,7 @@ class Cell:
 
 
 def _load_dataset(suite: Suite):
-    from benchmarks.datasets import build_dataset
+    from restore.datasets import build_dataset
 
     if not suite.dataset:
         raise ValueError(f"suite {suite.name!r} names no dataset: pass --data PATH")
@@ -255,23 +253,6 @@ class Finished:
 # --------------------------------------------------------------------------- environment
 
 
-def environment(device: torch.device, world_size: int) -> dict[str, Any]:
-    """Versions, git commit, device and process layout, written next to every result."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("bcm-restore", "numpy", "pillow", "kornia", "torch-fidelity", "safetensors", "pandas"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    versions.update(torch=torch.__version__, cuda=torch.version.cuda)
-    dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "host": platform.node(),
-            "versions": versions, "git": git_state(), "device": dev, "torch_threads": torch.get_num_threads(),
-            "world_size": world_size, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -300,7 +281,8 @@ def _degraded_dir(ctx: _Context, spec: str, seed: int) -> Path:
 def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.Tensor) -> torch.Tensor:
     """The measurements of a batch: from the cache, else made once and cached. Leaves ``op`` in the state
     (e.g. random boxes) that produced them."""
-    from restore.app.io import atomic_write, output_path, write_png
+    from restore.app.io import output_path, write_png
+    from restore.runtime.files import atomic_write
 
     folder = _degraded_dir(ctx, spec, seed)
     paths = [output_path(folder, i, ".npy") for i in ids]
@@ -442,7 +424,7 @@ def _run_cells(ctx: _Context, cells: list[Cell], indices: list[int], bar) -> Non
 
 def _reference_key(ctx: _Context) -> str:
     """Cached Inception features of the suite's FID reference set (computed once, then read from the cache)."""
-    from benchmarks.datasets import DATASETS, build_dataset
+    from restore.datasets import DATASETS, build_dataset
     from benchmarks.fid import cached_features
     from operators.utils import to_uint8
 
@@ -655,7 +637,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
                "wall_seconds": round(time.perf_counter() - wall, 3), "failures": ctx.failures}
     if rank == 0:
         from benchmarks.fairness import fairness_report
-        from restore.app.io import write_csv_atomic, write_text_atomic
+        from restore.runtime.files import write_csv_atomic, write_text_atomic
 
         frame = results_frame(out, cells, suite, ids)
         write_csv_atomic(frame, out / "results.csv")

@@ -4,7 +4,7 @@ A suite names a dataset, the images to use, the degradation operators, the metho
 NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::
 
     description = "JPEG restoration on CIFAR-10"
-    dataset = "cifar10"          # benchmarks.datasets name, or a path (relative to this file if it exists there)
+    dataset = "cifar10"          # restore.datasets name, or a path (relative to this file if it exists there)
     split = "test"
     images = 1000                # the first N images of the split (omit: all)
     operators = ["jpeg:quality=10", "jpeg:quality=20"]
@@ -50,7 +50,7 @@ from operators import build_operator
 SUITE_KEYS = {
     "name": "suite name (default: the file name)",
     "description": "one line shown by `restore-bench list`",
-    "dataset": "benchmarks.datasets name (cifar10, tinyimagenet) or a path",
+    "dataset": "restore.datasets name (cifar10, tinyimagenet) or a path",
     "split": "split of a named dataset",
     "images": "number of images, the first N of the split (default: all)",
     "operators": "operator specs, e.g. 'jpeg:quality=10'",
@@ -205,7 +205,7 @@ def _resolve_path(value: str, base: Path | None, names) -> str:
 
 def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, source: str = "") -> Suite:
     """Validate a suite table (as read from TOML) into a :class:`Suite`; ValueError says what is wrong."""
-    from benchmarks.datasets import DATASETS
+    from restore.datasets import DATASETS
     from restore.engine.checkpoints import BUNDLED_MODELS
 
     where = f"suite {name!r}"

@@ -1,4 +1,4 @@
-"""benchmarks.datasets: real CIFAR-10 / Tiny-ImageNet facts, stable ids, on-disk formats, safe pickles."""
+"""restore.datasets: real CIFAR-10 / Tiny-ImageNet facts, stable ids, on-disk formats, safe pickles."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import datasets as D
+from restore import datasets as D
 from conftest import shared_file
 from operators.utils import from_uint8
 from restore.app.io import ImageReadError

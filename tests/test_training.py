@@ -195,7 +195,7 @@ def test_cli_resumes_and_reports_user_errors(tmp_path, npz):
     for args, message in [
         (["bcm", "--out", out, "--lr", 1e-3, "--steps", 7], "train.lr"),
         (["ct", "--out", out], "is a 'bcm' run"),
-        (["bcm", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"], "neither a file nor a known dataset"),
+        (["bcm", "--data", tmp_path / "missing.npz", "--out", tmp_path / "x"], "unknown dataset"),
         (["bcm", "--data", npz], "missing --out"),
         (["edm", "--data", npz, "--out", tmp_path / "y", "--preset", "nope"], "unknown UNet preset"),
     ]:

@@ -26,7 +26,9 @@ from restore.engine.checkpoints import load_model
 from restore.records.fairness import backbone_parameters, parameter_violation, training_record
 from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 from restore.engine.networks.unet import UNet, UNetConfig
-from training.data import DATASETS, ImageData, load_npz, resolve_data_path
+from training.export import export_run
+from restore.datasets import DATASETS
+from training.data import ImageData, training_images
 from training.finetune import bcm_from_cm
 from training.loop import TrainConfig, train
 from training.losses import BCTLoss, EDMLoss, ICTLoss
@@ -53,8 +55,8 @@ def _common_options(*, lr: float, optimizer: str):
     """The options every subcommand shares; ``lr``/``optimizer`` are the family's defaults."""
     options = [
         click.option("--data", default="cifar10", show_default=True, metavar="NAME|NPZ",
-                     help=f"Training images: a dataset name ({', '.join(DATASETS)}; looked up in $BCM_RESTORE_DATA "
-                          "or ../shared/data) or an .npz file with uint8 NHWC array 'x'."),
+                     help=f"Training images: a dataset name ({', '.join(DATASETS)}: its train split, looked up in "
+                          "$BCM_RESTORE_DATA or ../shared/data) or a path restore.datasets reads (.npz, image folder)."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
                      help="Run directory (created; an existing run there is continued)."),
         click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
@@ -319,7 +321,7 @@ def _check_match(opts: dict, model) -> None:
 def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
     opts = _resolve(ctx, command, opts)
     try:
-        images = load_npz(resolve_data_path(opts["data"]), opts["limit_images"])
+        images = training_images(opts["data"], opts["limit_images"])
         data = ImageData(images)
         model, loss = build(opts, data.shape)
         _check_match(opts, model)
@@ -445,10 +447,8 @@ def export(run_dir: Path, dst: Path, fp16: bool, metrics: Path | None, notes: st
     Example:
       restore-train export runs/bcm restore/weights/bcm-cifar10.safetensors --metrics results/bcm-gen/summary.json
     """
-    from training.export import export_run
-
     try:
-        out = export_run(run_dir, dst, dtype=torch.float16 if fp16 else None,
+        out = export_run(run_dir, dst, main.commands, dtype=torch.float16 if fp16 else None,
                          metrics=json.loads(metrics.read_text()) if metrics else None, notes=notes)
     except (ValueError, OSError, json.JSONDecodeError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None

@@ -1,26 +1,20 @@
-"""Minimal training-data input: an in-memory image set and a deterministic, resumable batch order.
-
-``training`` may not import ``benchmarks`` (DESIGN.md §2), so this is the whole data layer the loop needs:
-images as a uint8 NHWC numpy array (what the CIFAR-10 ``.npz`` files hold), a float (N, C, H, W) tensor in
-[-1, 1], or a sequence of float (C, H, W) tensors. The batch order is a pure function of (seed, step, rank),
+"""Training data: an in-memory image set and a deterministic, resumable batch order. Datasets are found
+through the one registry, `restore.datasets`; the loop holds images as a uint8 NHWC numpy array (what the
+CIFAR-10 ``.npz`` files hold), a float (N, C, H, W) tensor in [-1, 1], or a sequence of float (C, H, W) tensors. The batch order is a pure function of (seed, step, rank),
 so resuming needs no sampler state.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from operators.utils import from_uint8, image_seed
+from restore.datasets import DATASETS, ArrayDataset, build_dataset
 
-__all__ = ["ImageData", "batch_indices", "load_npz", "resolve_data_path", "DATASETS"]
-
-# Named datasets -> file in the shared data directory ($BCM_RESTORE_DATA, else ../shared/data next to the repo).
-DATASETS = {"cifar10": "cifar10_train.npz", "cifar10-test": "cifar10_test.npz"}
+__all__ = ["ImageData", "batch_indices", "training_images"]
 
 
 class ImageData:
@@ -78,27 +72,14 @@ def batch_indices(num_images: int, batch: int, step: int, seed: int, rank: int =
     return out
 
 
-def resolve_data_path(spec: str) -> Path:
-    """A dataset name from :data:`DATASETS` or a path to an ``.npz`` file; ValueError if neither exists."""
-    if spec in DATASETS:
-        root = os.environ.get("BCM_RESTORE_DATA")
-        base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
-        path = base / DATASETS[spec]
-        if not path.is_file():
-            raise ValueError(f"dataset {spec!r}: {path} not found (set BCM_RESTORE_DATA to the data directory)")
-        return path
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"--data {spec!r} is neither a file nor a known dataset ({', '.join(DATASETS)})")
-    return path
-
-
-def load_npz(path: str | Path, limit: int | None = None, key: str = "x") -> np.ndarray:
-    """uint8 NHWC images from an ``.npz`` (key ``x``), the first ``limit`` if given. Never unpickles."""
-    with np.load(path, allow_pickle=False) as f:
-        if key not in f.files:
-            raise ValueError(f"{path}: no array {key!r} (has {', '.join(f.files)})")
-        images = f[key]
-    if limit is not None:
-        images = images[:limit]
-    return np.ascontiguousarray(images)
+def training_images(spec: str, limit: int | None = None) -> np.ndarray:
+    """uint8 NHWC images to train on: a dataset name of `restore.datasets.DATASETS` (its ``train`` split) or
+    any path `restore.datasets.build_dataset` reads (an ``.npz``, an image folder of one size, ...); the first
+    ``limit`` images if given."""
+    ds = build_dataset(spec, split="train" if spec in DATASETS else None)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        raise ValueError(f"{spec}: no training images")
+    if isinstance(ds, ArrayDataset) and ds.layout == "NHWC":
+        return np.ascontiguousarray(ds.images[:n])
+    return np.ascontiguousarray(ds.uint8(np.arange(n)).transpose(0, 2, 3, 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -56,11 +57,10 @@ def training_budget(run_dir: str | Path) -> dict[str, Any]:
             "images_per_s": round(last["images"] / seconds, 2), "final_loss": last["loss"]}
 
 
-def export_run(run_dir: str | Path, dst: str | Path, *, dtype: torch.dtype | None = torch.float16,
+def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, click.Command], *, dtype: torch.dtype | None = torch.float16,
                metrics: dict | None = None, notes: str | None = None) -> Path:
-    """Write the run's EMA model to ``dst`` (safetensors, ``dtype`` storage) with a model card."""
-    from training.cli import main as cli
-
+    """Write the run's EMA model to ``dst`` (safetensors, ``dtype`` storage) with a model card; ``commands``:
+    the ``restore-train`` subcommands by name, whose options turn the run's stored options into its recipe."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     stored = config.get("cli")
@@ -68,14 +68,14 @@ def export_run(run_dir: str | Path, dst: str | Path, *, dtype: torch.dtype | Non
         raise ValueError(f"{run_dir} was not trained with restore-train: no stored command to put in the card")
     environment = config.get("environment", {})
     budget = training_budget(run_dir)
-    recipe = recipe_command(cli.commands[stored["command"]], stored["command"], stored["options"])
+    recipe = recipe_command(commands[stored["command"]], stored["command"], stored["options"])
     if budget["steps"] < stored["options"]["steps"]:  # stopped early (time limit): same curriculum, fewer steps
         recipe = recipe.replace(" --out ", f" --chunk {budget['steps']} --out ")
     card = {
         "recipe": recipe,
         "data": stored["options"].get("data"),
-        "budget": {**budget, "host": environment.get("host"), "torch": environment.get("torch"),
-                   "git": environment.get("git")},
+        "budget": {**budget, "host": environment.get("host"), "torch": environment.get("versions", {}).get("torch"),
+                   "git": environment.get("git", {}).get("commit")},
         "metrics": metrics or {},
         "notes": notes or "",
     }

@@ -1,10 +1,12 @@
-"""The provenance record written next to every result and checkpoint: versions, git commit, host, device."""
+"""The provenance record written next to every result and training run: versions, git state, host, device."""
 
 from __future__ import annotations
 
 import platform
 import subprocess
 import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,24 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status is not None and status.stdout.strip())}
 
 
-def environment(device: str | torch.device | None = None) -> dict[str, Any]:
-    """Versions (torch, python), git commit, host, command line and, when given, the device."""
-    record = {"torch": torch.__version__, "python": platform.python_version(), "git": git_commit(),
-              "host": platform.node(), "argv": sys.argv}
+_PACKAGES = ("bcm-restore", "numpy", "pillow", "kornia", "torch-fidelity", "safetensors", "pandas")
+
+
+def environment(device: str | torch.device | None = None, world_size: int = 1) -> dict[str, Any]:
+    """The one provenance record (run.json of `restore run` and of a benchmark run, config.json of a training
+    run): python, platform, host, package versions, git state, device and process layout, command line, time."""
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    versions.update(torch=torch.__version__, cuda=torch.version.cuda)
+    record = {"python": platform.python_version(), "platform": platform.platform(), "host": platform.node(),
+              "versions": versions, "git": git_state(), "torch_threads": torch.get_num_threads(),
+              "world_size": world_size, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if device is not None:
-        record["device"] = str(device)
+        dev = torch.device(device)
+        record["device"] = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                            else platform.processor()}
     return record

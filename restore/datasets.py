@@ -121,6 +121,14 @@ class Dataset(torch.utils.data.Dataset, ABC):
             raise IndexError(f"index out of range for {self.name} with {n} images")
         return idx % n if n else idx
 
+    def uint8(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) uint8 of images of one size."""
+        idx = self._check(indices)
+        sizes = {self.image_size(int(i)) for i in idx}
+        if len(sizes) > 1:
+            raise ValueError(f"images of different sizes {sorted(sizes)} cannot form one batch; use batches()")
+        return self._uint8(idx)
+
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[list[str], torch.Tensor]:
         """``(ids, x)`` with ``x`` float32 (B, 3, H, W) in [-1, 1]; the images must share one size."""
         idx = self._check(indices)
