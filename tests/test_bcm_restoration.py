@@ -8,17 +8,18 @@ degraded input by a wide margin).
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
-import restore.methods.bcm  # noqa: F401  (registers the bcm-* methods)
 import restore.methods.plain  # noqa: F401  (registers identity / pinv / bicubic)
 from benchmarks.metrics import consistency_psnr, psnr
 from operators import build_operator
 from operators.utils import make_generators
-from restore.methods.bcm import Round, restoration_rounds, restore_bcm_jpeg, restore_bcm_jpeg_dc
-from restore.methods import get_method
 from restore.engine.oracles import GaussianFlow, oracle_bcm, oracle_bcm_empirical
+from restore.methods import get_method
+from restore.methods.bcm import Round, restoration_rounds, restore_bcm_jpeg, restore_bcm_jpeg_dc  # registers bcm-*
 
 BCM_METHODS = ("bcm-jpeg", "bcm-jpeg-dc", "bcm-inpaint", "bcm-sr")
 SPECS = {"bcm-jpeg": "jpeg:quality=10", "bcm-jpeg-dc": "jpeg:quality=10", "bcm-inpaint": "box:size=16",
@@ -50,7 +51,7 @@ def test_rounds_spend_exactly_nfe(nfe):
     assert all(r.noise == 0.07 for r in rounds[nfe % 2:])
     levels = [r.sigma for r in rounds]
     assert levels[0] == pytest.approx(0.8) and levels[-1] == pytest.approx(0.8 if len(levels) == 1 else 0.2)
-    ratios = [b / a for a, b in zip(levels[:-1], levels[1:])]
+    ratios = [b / a for a, b in pairwise(levels)]
     assert all(r == pytest.approx(ratios[0]) and r < 1 for r in ratios)  # geometric, decreasing
 
 
@@ -87,6 +88,75 @@ def test_chain_is_the_exact_flow_on_the_gaussian_oracle(nfe):
         expected_jumps += [(r, t, u) for t, u in zip(levels, (*levels[1:], SMIN))]
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
     assert jumps == [(i, *j) for i, j in enumerate(expected_jumps)]
+
+
+def _paper_loop(model, x, consistency, nfe, sigma_start, sigma_end, noise, first_noise, gens, sigmas=None):
+    """The methods' loop written out literally from the round (Li & He, arXiv 2403.18035: small noise, jump up,
+    jump down; then the consistency step), with our odd-budget re-noise round and geometric levels; it uses
+    nothing of restore.methods.bcm."""
+    def z(x):
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in gens])
+
+    n = (nfe + 1) // 2
+    levels = sigmas or [sigma_start * (sigma_end / sigma_start) ** (k / (n - 1)) if n > 1 else sigma_start
+                        for k in range(n)]
+    for k, sigma_s in enumerate(levels):
+        if k == 0 and nfe % 2 == 1:  # re-noise round: x + sigma_s z, jump down
+            x = model.jump(x + sigma_s * z(x), sigma_s, SMIN)
+        else:
+            t_small = first_noise if k == 0 else noise
+            x = x + t_small * z(x)  # small noise
+            x = model.jump(x, t_small, sigma_s)  # inversion (up)
+            x = model.jump(x, sigma_s, SMIN)  # regeneration (down)
+        x = consistency(x)
+    return x
+
+
+PAPER_CASES = [  # (method, operator, hyper-parameters)
+    ("bcm-jpeg", "jpeg:quality=10", {}),
+    ("bcm-jpeg", "jpeg:quality=10", {"sigma_start": 0.9, "sigma_end": 0.15, "noise": 0.05}),
+    ("bcm-jpeg-dc", "jpeg:quality=10", {}),
+    ("bcm-jpeg-dc", "jpeg:quality=30", {"sigmas": "1.5/k"}),
+    ("bcm-inpaint", "box:size=16", {}),
+    ("bcm-inpaint", "randbox:size=12", {"fill": 0.3, "noise": 0.1}),
+    ("bcm-inpaint", "box:size=16", {"fill": 0.01, "first_noise": 0.2}),
+    ("bcm-sr", "down:factor=2,kernel=bicubic", {}),
+    ("bcm-sr", "down:factor=4,kernel=avg", {"sigmas": "1.5/k", "noise": 0.05}),
+]
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4])
+@pytest.mark.parametrize("name, spec, hparams", PAPER_CASES)
+def test_methods_are_the_paper_loop_bit_for_bit(name, spec, hparams, nfe):
+    """Pinned regression: every method equals (torch.equal) the literal loop above with its start image and
+    consistency step, on the Gaussian oracle BCM and seeded random images, at exactly ``nfe`` counted NFE."""
+    model = oracle_bcm(torch.rand((3, 32, 32), generator=torch.Generator().manual_seed(1)) - 0.5, 0.4)
+    op = build_operator(spec)
+    x = torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = op.measure(x, _gens(4, seed=7))
+    hp = dict(hparams)
+    if hp.get("sigmas") == "1.5/k":
+        hp["sigmas"] = [1.5 / k for k in range(1, (nfe + 3) // 2)]
+    with model.counter.counting() as count:
+        out = get_method(name)(model, y, op, nfe=nfe, generator=_gens(4), **hp)
+    assert (count.forward, count.backward) == (nfe, 0)
+
+    defaults = {"bcm-jpeg": (0.5, 0.2), "bcm-jpeg-dc": (0.5, 0.2), "bcm-inpaint": (2.0, 0.3), "bcm-sr": (1.0, 0.2)}
+    start, end = hp.get("sigma_start", defaults[name][0]), hp.get("sigma_end", defaults[name][1])
+    noise, gens = hp.get("noise", 0.07), _gens(4)
+    first_noise, consistency = noise, (lambda v: op.project(v, y))
+    if name == "bcm-jpeg":
+        x0, consistency = y, (lambda v: v)
+    elif name == "bcm-jpeg-dc":
+        x0 = y
+    elif name == "bcm-inpaint":
+        fill = hp.get("fill", model.sigma_data)
+        hole = fill * torch.cat([torch.randn((1, *y.shape[1:]), generator=g) for g in gens])
+        x0, first_noise = torch.where(op.mask_for(y), y, hole), hp.get("first_noise", max(fill, noise))
+    else:
+        x0 = op.pinv(y)
+    expected = _paper_loop(model, x0, consistency, nfe, start, end, noise, first_noise, gens, hp.get("sigmas"))
+    assert torch.equal(out, expected)
 
 
 # -- NFE, registry, blindness ------------------------------------------------------------------------------
