@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from operators import build_operator
-from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert, edict_sample,
-                                     obelm_gammas)
+from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert,
+                                            edict_sample, obelm_gammas)
 from restore.methods.inversion import inversion_nfe, inversion_steps, restore_bdia_restore
 from restore.methods import get_method
 from restore.engine.oracles import GaussianFlow, oracle_edm, oracle_edm_empirical
@@ -275,7 +275,11 @@ def test_restorer_is_per_image(cifar_test):
     batch = restore_bdia_restore(model, y, op, nfe=8, generator=[_gen(i) for i in range(3)])
     alone = restore_bdia_restore(model, y[1:2], op, nfe=8, generator=[_gen(1)])
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-4)
-    assert not torch.allclose(restore_bdia_restore(model, y, op, nfe=8, generator=_gen(5)), batch)
+    # Another seed gives another result. Not checked on this memorising prior: it maps every seed's noisy start onto
+    # the same training image (outputs differ by ~1e-7, rounding), so use the Gaussian prior, which keeps the noise.
+    gauss = oracle_edm(MU, S)
+    other = restore_bdia_restore(gauss, y, op, nfe=8, generator=_gen(5))
+    assert (other - restore_bdia_restore(gauss, y, op, nfe=8, generator=[_gen(i) for i in range(3)])).abs().max() > 1e-2
 
 
 def test_restorer_rejects_bad_hyper_parameters():

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from operators.utils import Generator
-from restore.engine.sampling import Callback, check_monotone
+from restore.engine.sampling import Callback, check_monotone, ddim_step
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 Gamma = float | Sequence[float] | torch.Tensor
@@ -39,6 +39,10 @@ Gamma = float | Sequence[float] | torch.Tensor
 def _levels(sigmas, descending: bool) -> list[float]:
     check_monotone(sigmas, descending=descending)
     return [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
+
+__all__ = ["bdia_invert", "bdia_sample", "ddim_invert", "ddim_sample", "ddim_step", "edict_invert", "edict_sample",
+           "obelm_gammas"]
 
 
 def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, callback: Callback,
@@ -50,13 +54,6 @@ def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, ca
     return denoised
 
 
-def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """DDIM transfer (eta = 0) from level sigma to sigma_next in VE form: x0_hat + (sigma_next/sigma)(x - x0_hat)
-    (Song et al. 2021, DDIM Eq. 12 with alpha = 1; = an Euler step of Karras et al. 2022, Eq. 3). Either direction;
-    sigma_next = 0 returns x0_hat exactly."""
-    return denoised + (sigma_next / sigma) * (x - denoised)
-
-
 # --------------------------------------------------------------------------------------------------- DDIM
 def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                 extra_args: dict | None = None) -> torch.Tensor:
@@ -64,7 +61,8 @@ def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, 
     Eq. 12, eta = 0; inversion.md §2.1). Algebraically `restore.engine.sampling.sample_euler`. NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=True)
     for i in range(len(s) - 1):
-        x = ddim_step(x, _denoise(model, x, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
+        denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
+        x = ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
     return x
 
 
@@ -77,7 +75,8 @@ def ddim_invert(model, x: torch.Tensor, sigmas, *, generator: Generator = None, 
     has an O(1/N) error (inversion.md §2.1). NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=False)
     for i in range(len(s) - 1):
-        x = ddim_step(x, _denoise(model, x, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
+        denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
+        x = ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
     return x
 
 
@@ -136,9 +135,10 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, ge
     x_prev, x = x if isinstance(x, tuple) else (None, x)
     for i in range(0 if x_prev is None else 1, len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        x_next = ddim_step(x, denoised, s[i], s[i + 1])
+        eps = (x - denoised) / s[i]
+        x_next = ddim_step(x, eps, s[i], s[i + 1])
         if x_prev is not None:
-            x_next = g[i] * (x_prev - ddim_step(x, denoised, s[i], s[i - 1])) + x_next
+            x_next = g[i] * (x_prev - ddim_step(x, eps, s[i], s[i - 1])) + x_next
         x_prev, x = x, x_next
     return x
 
@@ -166,9 +166,10 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
     x_prev = None
     for i in range(len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        x_next = ddim_step(x, denoised, s[i], s[i + 1])
+        eps = (x - denoised) / s[i]
+        x_next = ddim_step(x, eps, s[i], s[i + 1])
         if x_prev is not None:
-            x_next = (x_prev - ddim_step(x, denoised, s[i], s[i - 1])) / g[i] + x_next
+            x_next = (x_prev - ddim_step(x, eps, s[i], s[i - 1])) / g[i] + x_next
         x_prev, x = x, x_next
     return x, x_prev
 
@@ -176,8 +177,8 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
 # -------------------------------------------------------------------------------------------------- EDICT
 def _edict_eps(model, z: torch.Tensor, i: int, sigma: float, sigma_next: float, callback: Callback,
                extra_args: dict | None) -> torch.Tensor:
-    """(sigma_next - sigma) * eps_hat(z; sigma): the DDIM increment driven by the *other* sequence."""
-    return (sigma_next - sigma) * (z - _denoise(model, z, i, sigma, sigma_next, callback, extra_args)) / sigma
+    """eps_hat(z; sigma) = (z - D(z; sigma))/sigma: the other sequence's noise estimate that drives a DDIM step."""
+    return (z - _denoise(model, z, i, sigma, sigma_next, callback, extra_args)) / sigma
 
 
 def _check_p(p: float) -> None:
@@ -195,9 +196,10 @@ def edict_sample(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
 
         x' = x + b eps(y; sigma_i);  y' = y + b eps(x'; sigma_i);  x <- p x' + (1-p) y';  y <- p y' + (1-p) x
 
-    (eps of x' uses label sigma_i although x' is at sigma_{i+1}, as in the paper). ``leapfrog`` swaps the roles
-    of x and y on odd steps (official code default). ``x``: a tensor (x = y) or the pair from `edict_invert`.
-    Returns x (or the pair with ``return_pair``). NFE = 2 (len(sigmas) - 1).
+    (x + b eps is `ddim_step` driven by the other sequence's eps; eps of x' uses label sigma_i although x' is at
+    sigma_{i+1}, as in the paper). ``leapfrog`` swaps the roles of x and y on odd steps (official code default).
+    ``x``: a tensor (x = y) or the pair from `edict_invert`. Returns x (or the pair with ``return_pair``).
+    NFE = 2 (len(sigmas) - 1).
     """
     _check_p(p)
     s = _levels(sigmas, descending=True)
@@ -205,8 +207,8 @@ def edict_sample(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
     for i in range(len(s) - 1):
         if leapfrog and i % 2:
             x, y = y, x
-        x_inter = x + _edict_eps(model, y, i, s[i], s[i + 1], callback, extra_args)
-        y_inter = y + _edict_eps(model, x_inter, i, s[i], s[i + 1], callback, extra_args)
+        x_inter = ddim_step(x, _edict_eps(model, y, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
+        y_inter = ddim_step(y, _edict_eps(model, x_inter, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
         x = p * x_inter + (1 - p) * y_inter
         y = p * y_inter + (1 - p) * x
         if leapfrog and i % 2:
@@ -221,10 +223,11 @@ def edict_invert(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
 
         y' = (y - (1-p) x)/p;  x' = (x - (1-p) y')/p;  y <- y' - b eps(x'; sigma_hi);  x <- x' - b eps(y; sigma_hi)
 
-    with b = sigma_lo - sigma_hi and the leapfrog parity of the corresponding sampling step. ``x``: a tensor
-    (x = y) or a pair at ``sigmas[0]``. Returns the pair (x, y) at ``sigmas[-1]``; regenerate with
-    ``edict_sample(model, pair, sigmas.flip(0), p, leapfrog)``. Disagreement x - y grows by 1/p^2 per step
-    (§4.2). NFE = 2 (len(sigmas) - 1). The callback reports sigma = sigma_hi (the label) and sigma_next = sigma_lo.
+    with b = sigma_lo - sigma_hi (`ddim_step` from sigma_lo back to sigma_hi) and the leapfrog parity of the
+    corresponding sampling step. ``x``: a tensor (x = y) or a pair at ``sigmas[0]``. Returns the pair (x, y) at
+    ``sigmas[-1]``; regenerate with ``edict_sample(model, pair, sigmas.flip(0), p, leapfrog)``. Disagreement x - y
+    grows by 1/p^2 per step (§4.2). NFE = 2 (len(sigmas) - 1). The callback reports sigma = sigma_hi (the label) and
+    sigma_next = sigma_lo.
     """
     _check_p(p)
     s = _levels(sigmas, descending=False)
@@ -237,8 +240,8 @@ def edict_invert(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
             x, y = y, x
         y_inter = (y - (1 - p) * x) / p
         x_inter = (x - (1 - p) * y_inter) / p
-        y = y_inter - _edict_eps(model, x_inter, j, hi, lo, callback, extra_args)
-        x = x_inter - _edict_eps(model, y, j, hi, lo, callback, extra_args)
+        y = ddim_step(y_inter, _edict_eps(model, x_inter, j, hi, lo, callback, extra_args), lo, hi)  # the step back
+        x = ddim_step(x_inter, _edict_eps(model, y, j, hi, lo, callback, extra_args), lo, hi)
         if leapfrog and step % 2:
             x, y = y, x
     return x, y
