@@ -6,15 +6,18 @@ transfer between two noise levels is an explicit Euler step of the PF ODE dx/dsi
 
     T_{a->b}(x_a) = x0_hat + (sigma_b / sigma_a) (x_a - x0_hat),   x0_hat = D(x_a; sigma_a)     (`ddim_step`)
 
-It goes down (b < a, sampling) or up (b > a, inversion). The VP formulas of the papers map to this form with
-alpha = 1 and sigma = the EDM noise level (inversion.md §1); every deviation is listed per function.
+It goes down (b < a, sampling) or up (b > a, inversion); `restore.engine.sampling.ddim_step` is the one
+implementation. The VP formulas of the papers map to this form with alpha = 1 and sigma = the EDM noise level
+(x_VP = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2); inversion.md §1); every deviation is listed per function.
+DDIM inversion defaults to the field's convention (diffusers, null-text inversion: the network is called on the
+current sample with the target level's label), which is not the T_{a->b} above; see `ddim_invert`.
 
 k-diffusion-style free functions ``f(model, x, sigmas, ..., *, generator=None, callback=None, extra_args=None)``:
 
 - ``model(x, sigma, **extra_args) -> x0_hat`` (an `restore.engine.wrappers.EDMDenoiser`; its wrapper counts the NFE);
 - ``sigmas``: 1-D levels as from `restore.engine.schedules.karras_sigmas` -- **descending** for the samplers (may end
-  in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0), as `restore.engine.sampling`
-  does; regenerate with the inversion's levels reversed, ``sigmas.flip(0)``;
+  in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0; standard DDIM inversion may start
+  at 0), as `restore.engine.sampling` does; regenerate with the inversion's levels reversed, ``sigmas.flip(0)``;
 - ``callback(d)`` once per network call with keys ``x``, ``i``, ``sigma``, ``sigma_next``, ``denoised``;
 - ``generator`` is accepted for interchangeability and ignored (all are deterministic).
 
@@ -25,6 +28,7 @@ or 1/p^2 (EDICT) per step (inversion.md §3.5a, §4.2). DDIM inversion is only f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,13 +40,13 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 Gamma = float | Sequence[float] | torch.Tensor
 
 
-def _levels(sigmas, descending: bool) -> list[float]:
-    check_monotone(sigmas, descending=descending)
+def _levels(sigmas, descending: bool, zero_start: bool = False) -> list[float]:
+    check_monotone(sigmas, descending=descending, zero_start=zero_start)
     return [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
 
 
-__all__ = ["bdia_invert", "bdia_sample", "ddim_invert", "ddim_sample", "ddim_step", "edict_invert", "edict_sample",
-           "obelm_gammas"]
+__all__ = ["DDIM_CONVENTIONS", "bdia_invert", "bdia_sample", "ddim_invert", "ddim_sample", "ddim_step", "edict_invert",
+           "edict_sample", "obelm_gammas"]
 
 
 def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, callback: Callback,
@@ -57,8 +61,10 @@ def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, ca
 # --------------------------------------------------------------------------------------------------- DDIM
 def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                 extra_args: dict | None = None) -> torch.Tensor:
-    """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021,
-    Eq. 12, eta = 0; inversion.md §2.1). Algebraically `restore.engine.sampling.sample_euler`. NFE = len(sigmas) - 1."""
+    """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021, Eq. 12
+    with eta = 0, in the ODE form of Eq. 13; inversion.md §2.1); equal to diffusers' ``DDIMScheduler`` with eta = 0
+    on the matching levels (tests/test_ddim_diffusers.py) and to `restore.engine.sampling.sample_euler` (the same
+    `ddim_step`). NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=True)
     for i in range(len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
@@ -66,17 +72,48 @@ def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, 
     return x
 
 
-def ddim_invert(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
-                extra_args: dict | None = None) -> torch.Tensor:
-    """DDIM inversion (Song et al. 2021, DDIM §4.3; as used by Mokady et al. 2023): the DDIM update run uphill along
-    ascending ``sigmas``, with x0_hat evaluated at the *current* state and level (the "aligned" label
-    convention (b) of inversion.md §2.1; diffusers uses the target label instead). ``x`` is the state at
-    ``sigmas[0]``; returns the state at ``sigmas[-1]``. Not exact: the round trip through `ddim_sample`
-    has an O(1/N) error (inversion.md §2.1). NFE = len(sigmas) - 1."""
-    s = _levels(sigmas, descending=False)
+DDIM_CONVENTIONS = ("standard", "current-level")
+
+
+def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard", generator: Generator = None,
+                callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
+    """DDIM inversion: the deterministic DDIM update (Song et al. 2021, Eq. 13, the Euler form of their ODE Eq. 14,
+    run backwards to encode, §4.3) taken uphill along ascending ``sigmas``. ``x`` is the state at ``sigmas[0]``;
+    returns the state at ``sigmas[-1]``. Not exact: the round trip through `ddim_sample` has an O(1/N) error
+    (inversion.md §2.1). NFE = len(sigmas) - 1. Two conventions for where the network is evaluated:
+
+    ``"standard"`` (default): the field's DDIM inversion, that of diffusers' ``DDIMInverseScheduler`` (the loop
+    ``eps = unet(x, t); x = step(eps, t, x)`` over ascending t) and of null-text inversion (Mokady et al. 2023,
+    CVPR; its DDIM-inversion loop). A step from level t_i to t_{i+1} calls the network on the *current* sample
+    with the *target* label t_{i+1}, removes that noise estimate with the current level's alpha and adds it back
+    with the target's: in VP terms eps = eps_theta(x_vp, t_{i+1}), x0_hat = (x_vp - sqrt(1 - abar_i) eps) /
+    sqrt(abar_i), x_vp' = sqrt(abar_{i+1}) x0_hat + sqrt(1 - abar_{i+1}) eps. In EDM terms (x = x_vp / sqrt(abar),
+    sigma = sqrt((1 - abar) / abar)) the network sees the same VP sample read at level sigma', i.e. the EDM input
+    x_in = x sqrt((1 + sigma'^2) / (1 + sigma^2)) at sigma', so eps_hat = (x_in - D(x_in; sigma')) / sigma' and
+    x' = `ddim_step`(x, eps_hat, sigma, sigma') (tests/test_ddim_diffusers.py: equal to diffusers to rounding).
+    ``sigmas[0]`` may be 0: the input is then clean and the first step x' = x + sigma_1 eps_hat (diffusers'
+    ``set_alpha_to_one=True``); the network is never called at level 0.
+
+    ``"current-level"``: x0_hat = D(x; sigma) at the current state *and* level, i.e. the explicit Euler step of
+    the PF ODE upwards (= `restore.engine.sampling.edm_ode_invert` with ``method="euler"``; the "aligned" label
+    convention (b) of inversion.md §2.1; the step BDIA's exact inversion starts with). ``sigmas`` must start > 0.
+
+    The callback gets ``x`` (the state at ``sigma``), ``sigma``, ``sigma_next`` and ``denoised``: the clean
+    estimate the step moves from, x0_hat = x - sigma eps_hat (for "current-level" D(x; sigma) itself).
+    """
+    if convention not in DDIM_CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(DDIM_CONVENTIONS)}, got {convention!r}")
+    s = _levels(sigmas, descending=False, zero_start=convention == "standard")
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        x = ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
+        if convention == "current-level":
+            denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
+            x = ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
+            continue
+        x_in = x * math.sqrt((1 + s[i + 1] ** 2) / (1 + s[i] ** 2))  # the same VP sample, read at the target level
+        eps = (x_in - model(x_in, s[i + 1], **(extra_args or {}))) / s[i + 1]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": s[i], "sigma_next": s[i + 1], "denoised": x - s[i] * eps})
+        x = ddim_step(x, eps, s[i], s[i + 1])
     return x
 
 
@@ -151,7 +188,8 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
         x_{i+1} = (x_{i-1} - T_{i->i-1}(x_i)) / gamma_i + T_{i->i+1}(x_i)      (indices follow ascending sigmas)
 
     with x0_hat = D(x_i; sigma_i) at the current state and level, the triple `bdia_sample` uses. The first step
-    sigmas[0] -> sigmas[1] is plain DDIM inversion (it only selects the trajectory; it is never undone).
+    sigmas[0] -> sigmas[1] is a current-level DDIM inversion step (``ddim_invert(..., convention="current-level")``,
+    as in BDIA's editing code; it only selects the trajectory and is never undone).
     ``gamma``: scalar or per level of ``sigmas`` (for a per-level array computed on the sampling grid pass it
     flipped); every used value must be > 0 -- rounding is amplified by about prod(1/gamma_i) (§3.5a), so gamma
     < 0.9 is unsafe beyond ~20 steps. ``x`` is the state at ``sigmas[0]``.

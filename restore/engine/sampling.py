@@ -126,13 +126,15 @@ def _probability_flow(model, x: torch.Tensor, sigmas, second_order: bool, callba
     return x
 
 
-def check_monotone(sigmas, descending: bool) -> None:
+def check_monotone(sigmas, descending: bool, zero_start: bool = False) -> None:
+    """Levels strictly monotone, >= 0 and starting > 0 (ODE steps divide by the start level); ``zero_start``
+    also allows sigmas[0] = 0 (for steps that never evaluate the model there, e.g. standard DDIM inversion)."""
     s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(s) < 2:
         raise ValueError("need at least two noise levels")
     pairs = list(zip(s[:-1], s[1:]))
     ok = all(a > b for a, b in pairs) if descending else all(a < b for a, b in pairs)
-    if not ok or min(s) < 0 or s[0] == 0:
+    if not ok or min(s) < 0 or (s[0] == 0 and not zero_start):
         raise ValueError(f"noise levels must be strictly {'de' if descending else 'a'}scending, >= 0, "
                          f"and start > 0: {s}")
 
