@@ -7,7 +7,8 @@ sigma = sqrt((1 - abar) / abar) (restoration.md §1), so every update below is t
 sqrt(abar_next):
 
 * Tweedie's estimate x0_hat is the denoiser output; eps_hat = (x_t - x0_hat) / sigma_t;
-* the generic DDIM step x_s = x0 + c_eps * eps_hat + c_z * z with c_eps^2 + c_z^2 = sigma_s^2 (`renoise`);
+* the generic DDIM step x_s = x0 + c_eps * eps_hat + c_z * z with c_eps^2 + c_z^2 = sigma_s^2 (`renoise`; its
+  deterministic part is the engine's one DDIM / Euler step, `restore.engine.sampling.ddim_step`);
   the DDIM-eta noise (Song et al. 2021, Eq. 16) becomes c_z = eta sigma_s sqrt(1 - sigma_s^2 / sigma_t^2)
   (`ddim_noise`: eta = 1 is DDPM's ancestral step with the posterior variance beta-tilde, eta = 0 the
   deterministic DDIM / Euler step), and the "eta" of DDRM / DDNM is c_z = eta sigma_s (`mix_noise`).
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from operators.utils import Generator, randn
+from restore.engine.sampling import ddim_step
 from restore.engine.schedules import karras_sigmas
 
 
@@ -62,8 +64,9 @@ def mix_noise(sigma_next: float, eta: float) -> float:
 
 def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma_next: float, noise_std: float,
             generator: Generator = None) -> torch.Tensor:
-    """x0 + sqrt(sigma_next^2 - noise_std^2) eps + noise_std z: back to level sigma_next with total std sigma_next."""
-    x = x0 + math.sqrt(max(0.0, sigma_next**2 - noise_std**2)) * eps
+    """x0 + sqrt(sigma_next^2 - noise_std^2) eps + noise_std z: back to level sigma_next with total std sigma_next.
+    The deterministic part is `restore.engine.sampling.ddim_step` from x0 (level 0) to c_eps along eps."""
+    x = ddim_step(x0, eps, 0.0, math.sqrt(max(0.0, sigma_next**2 - noise_std**2)))
     if noise_std > 0:
         x = x + noise_std * randn(x.shape, generator, device=x.device, dtype=x.dtype)
     return x

@@ -44,6 +44,7 @@ import torch
 
 from baselines.common import initial_state, sampling_levels, step_callback
 from operators.utils import Generator, randn
+from restore.engine.sampling import ddim_step
 from restore.methods import register_method
 
 # VE level of DDRM-JPEG's start t0 = 285 on the linear-beta (1e-4 .. 0.02, 1000 steps) VP schedule.
@@ -86,11 +87,11 @@ def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator =
         x0 = model(x, sigma)
         step_callback(callback, x, i, sigma, sigma_next, x0)
         z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        null = x0 + sigma_next * (math.sqrt(1 - eta**2) * (x - x0) / sigma + eta * z)
+        null = ddim_step(x0, math.sqrt(1 - eta**2) * (x - x0) / sigma + eta * z, 0.0, sigma_next)
         if sigma_next >= sigma_y:
             rng = (1 - eta_b) * x0 + eta_b * y_bar + math.sqrt(sigma_next**2 - eta_b**2 * sigma_y**2) * z
         else:
-            rng = x0 + sigma_next * (math.sqrt(1 - eta**2) * (y_bar - x0) / sigma_y + eta * z)
+            rng = ddim_step(x0, math.sqrt(1 - eta**2) * (y_bar - x0) / sigma_y + eta * z, 0.0, sigma_next)
         x = null + project(rng - null)
     return x
 
@@ -111,5 +112,5 @@ def restore_ddrm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Genera
         step_callback(callback, x, i, sigma, sigma_next, x0)
         x_tilde = x0 - op(x0) + y  # range replacement
         eps = (1 - eta_a) * (x - x0) / sigma + eta_a * randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        x = eta_b * x_tilde + (1 - eta_b) * x0 + sigma_next * eps
+        x = ddim_step(eta_b * x_tilde + (1 - eta_b) * x0, eps, 0.0, sigma_next)
     return x

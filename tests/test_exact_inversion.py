@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from operators import build_operator
-from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert, edict_sample,
-                                     obelm_gammas)
+from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert,
+                                            edict_sample, obelm_gammas)
 from restore.methods.inversion import inversion_nfe, inversion_steps, restore_bdia_restore
 from restore.methods import get_method
 from restore.engine.oracles import GaussianFlow, oracle_edm, oracle_edm_empirical
@@ -40,7 +40,7 @@ def round_trip(kind: str, n: int, dtype: torch.dtype, gamma=None, **kw) -> tuple
     down = karras_sigmas(n + 1, SMIN, SMAX, append_zero=False)
     up = down.flip(0)
     if kind == "ddim":
-        top = ddim_invert(model, x0, up)
+        top = ddim_invert(model, x0, up, **kw)
         rec = ddim_sample(model, top, down)
     elif kind == "edict":
         top = edict_invert(model, x0, up, **kw)
@@ -65,8 +65,9 @@ def test_bdia_and_edict_round_trips_are_exact(kind, gamma, kw, dtype, tol):
     assert err < 1e-2 * round_trip("ddim", 30, dtype)[0]  # the same trip with DDIM inversion is far from exact
 
 
-def test_ddim_inversion_is_first_order_not_exact():
-    errs = [round_trip("ddim", n, torch.float64)[0] for n in (10, 40)]
+@pytest.mark.parametrize("convention", ["standard", "current-level"])
+def test_ddim_inversion_is_first_order_not_exact(convention):
+    errs = [round_trip("ddim", n, torch.float64, convention=convention)[0] for n in (10, 40)]
     assert errs[1] > 1e-3
     assert 2.5 < errs[0] / errs[1] < 6  # O(1/N)
 
@@ -76,9 +77,10 @@ def test_ddim_is_the_euler_step_of_the_pf_ode():
     down = karras_sigmas(8, SMIN, SMAX)  # ends in 0
     up = karras_sigmas(8, SMIN, SMAX, append_zero=False).flip(0)
     xT = FLOW.sample((4, 3, 8, 8), SMAX, generator=_gen(2), dtype=torch.float64)
-    torch.testing.assert_close(ddim_sample(model, xT, down), sample_euler(model, xT, down), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ddim_invert(model, x0, up), edm_ode_invert(model, x0, up, method="euler"),
-                               rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(ddim_sample(model, xT, down), sample_euler(model, xT, down), rtol=0, atol=0)
+    euler_up = edm_ode_invert(model, x0, up, method="euler")
+    torch.testing.assert_close(ddim_invert(model, x0, up, convention="current-level"), euler_up, rtol=0, atol=0)
+    assert _rmse(ddim_invert(model, x0, up), euler_up) > 1e-2  # the standard (diffusers) convention is not Euler
 
 
 @pytest.mark.parametrize("gamma", [0.0, "zeros"])
@@ -275,7 +277,11 @@ def test_restorer_is_per_image(cifar_test):
     batch = restore_bdia_restore(model, y, op, nfe=8, generator=[_gen(i) for i in range(3)])
     alone = restore_bdia_restore(model, y[1:2], op, nfe=8, generator=[_gen(1)])
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-4)
-    assert not torch.allclose(restore_bdia_restore(model, y, op, nfe=8, generator=_gen(5)), batch)
+    # Another seed gives another result. Not checked on this memorising prior: it maps every seed's noisy start onto
+    # the same training image (outputs differ by ~1e-7, rounding), so use the Gaussian prior, which keeps the noise.
+    gauss = oracle_edm(MU, S)
+    other = restore_bdia_restore(gauss, y, op, nfe=8, generator=_gen(5))
+    assert (other - restore_bdia_restore(gauss, y, op, nfe=8, generator=[_gen(i) for i in range(3)])).abs().max() > 1e-2
 
 
 def test_restorer_rejects_bad_hyper_parameters():

@@ -68,18 +68,38 @@ class Recorder(nn.Module):
         return self.model.jump(x, t, u, **cond)
 
 
+def _grid(num_points: int) -> torch.Tensor:
+    """The grid the consistency losses train on, with N = num_points."""
+    return L.BCTLoss(fixed_scales=num_points - 1).grid(0, SIGMA_MIN, SIGMA_MAX)
+
+
 def test_karras_grid_matches_formula():
-    grid = L.karras_grid(11, SIGMA_MIN, SIGMA_MAX)
+    grid = _grid(11)
     assert grid[0].item() == pytest.approx(SIGMA_MIN, rel=1e-12)
     assert grid[-1].item() == pytest.approx(SIGMA_MAX, rel=1e-12)
     assert torch.all(grid[1:] > grid[:-1])
     # rho-th roots are equally spaced.
     assert torch.allclose(grid.pow(1 / 7).diff(), grid.pow(1 / 7).diff()[0].expand(10), rtol=1e-10)
+    assert torch.equal(L.ICTLoss(total_steps=800_000).grid(699_999, SIGMA_MIN, SIGMA_MAX), _grid(641))  # curriculum N
+
+
+@pytest.mark.parametrize("num_points", [3, 11, 21, 41, 81, 161, 321, 641, 1281])
+def test_training_grid_is_the_former_ict_grid(num_points):
+    """The losses use the one Karras grid (restore.engine.schedules.karras_sigmas, ascending); it reproduces the
+    grid they used to compute themselves, t_k = (smin^(1/7) + k/(N-1) (smax^(1/7) - smin^(1/7)))^7, for every N
+    of the curriculum (s0 = 10 .. s1 = 1280) and BCF's 321: below 1e-13 in float64 (asserted < 1e-6) and
+    identical in the float32 levels the networks see."""
+    k = torch.arange(num_points, dtype=torch.float64) / (num_points - 1)
+    lo, hi = SIGMA_MIN ** (1 / 7), SIGMA_MAX ** (1 / 7)
+    former = (lo + k * (hi - lo)) ** 7
+    grid = _grid(num_points)
+    assert grid.dtype == torch.float64 and (grid - former).abs().max().item() < 1e-6
+    assert torch.equal(grid.float(), former.float())
 
 
 @pytest.mark.parametrize("num_points", [11, 21, 321, 1281])
 def test_lognormal_weights_are_normal_interval_masses(num_points):
-    grid = L.karras_grid(num_points, SIGMA_MIN, SIGMA_MAX)
+    grid = _grid(num_points)
     p = L.lognormal_interval_weights(grid, -1.1, 2.0)
     assert p.shape == (num_points - 1,)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -118,7 +138,7 @@ def test_pair_and_u_sampling():
     """CT pair: adjacent grid points, never the last interval for BCT; u on the grid, never t, below and above."""
     x = torch.zeros(20_000, 1, 2, 2)
     loss = L.BCTLoss(total_steps=800_000)
-    grid = L.karras_grid(11, SIGMA_MIN, SIGMA_MAX).float()
+    grid = _grid(11).float()
     with torch.no_grad():
         rec, _ = _draws(loss, BCM(ZeroNet()), x)
     kinds = [c[0] for c in rec.calls]
@@ -135,7 +155,7 @@ def test_pair_and_u_sampling():
     assert torch.equal(rec.calls[3][1], u)  # the target maps x_u from u
 
     # Frequencies follow the lognormal interval weights (4-sigma binomial bounds).
-    p = L.lognormal_interval_weights(L.karras_grid(11, SIGMA_MIN, SIGMA_MAX))
+    p = L.lognormal_interval_weights(_grid(11))
     p_pair = (p[:-1] / p[:-1].sum()).float()
     freq = torch.bincount(n, minlength=9).float() / len(n)
     assert torch.all((freq - p_pair).abs() <= 4 * (p_pair * (1 - p_pair) / len(n)).sqrt() + 1e-3)

@@ -25,9 +25,9 @@ from torch import nn
 from torch.func import functional_call
 
 from operators.utils import randn
+from restore.engine.schedules import karras_sigmas
 
 __all__ = [
-    "karras_grid",
     "lognormal_interval_weights",
     "curriculum_num_points",
     "pseudo_huber",
@@ -36,16 +36,6 @@ __all__ = [
     "BCTLoss",
     "EDMLoss",
 ]
-
-
-def karras_grid(num_points: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> torch.Tensor:
-    """Karras et al. (2022) Eq. 5 noise levels, increasing, float64 (num_points,):
-    t_k = (σ_min^{1/ρ} + k/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ, k = 0…N−1 (bcm.md §2.1 item 1)."""
-    if num_points < 2:
-        raise ValueError(f"a Karras grid needs at least 2 points, got {num_points}")
-    k = torch.arange(num_points, dtype=torch.float64, device=device) / (num_points - 1)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (lo + k * (hi - lo)) ** rho
 
 
 def lognormal_interval_weights(grid: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
@@ -150,10 +140,17 @@ class ConsistencyLoss:
             return self.fixed_scales + 1
         return curriculum_num_points(step, self.total_steps, self.s0, self.s1)
 
+    def grid(self, step: int, sigma_min: float, sigma_max: float, device=None) -> torch.Tensor:
+        """The discretisation t_0 < ... < t_{N-1} at optimiser ``step``, float64: Karras et al. (2022) Eq. 5 levels
+        (`restore.engine.schedules.karras_sigmas`, ascending), t_k = (smin^(1/rho) + k/(N-1) (smax^(1/rho) -
+        smin^(1/rho)))^rho, N = `num_points` (bcm.md §2.1 item 1)."""
+        n = self.num_points(step)
+        return karras_sigmas(n, sigma_min, sigma_max, self.rho, append_zero=False, device=device).flip(0)
+
     def terms(self, model, x: torch.Tensor, *, step: int, generator: torch.Generator | None = None, **cond):
         """{"ct": (B,)} or {"ct": (B,), "bct": (B,)} (see the class docstring)."""
         batch = x.shape[0]
-        grid = karras_grid(self.num_points(step), model.sigma_min, model.sigma_max, self.rho, device=x.device)
+        grid = self.grid(step, model.sigma_min, model.sigma_max, device=x.device)
         p = lognormal_interval_weights(grid, self.p_mean, self.p_std)
         if self.exclude_last_interval and p.numel() < 2:
             raise ValueError("excluding the last interval needs at least 3 grid points")

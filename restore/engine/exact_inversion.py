@@ -6,15 +6,18 @@ transfer between two noise levels is an explicit Euler step of the PF ODE dx/dsi
 
     T_{a->b}(x_a) = x0_hat + (sigma_b / sigma_a) (x_a - x0_hat),   x0_hat = D(x_a; sigma_a)     (`ddim_step`)
 
-It goes down (b < a, sampling) or up (b > a, inversion). The VP formulas of the papers map to this form with
-alpha = 1 and sigma = the EDM noise level (inversion.md §1); every deviation is listed per function.
+It goes down (b < a, sampling) or up (b > a, inversion); `restore.engine.sampling.ddim_step` is the one
+implementation. The VP formulas of the papers map to this form with alpha = 1 and sigma = the EDM noise level
+(x_VP = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2); inversion.md §1); every deviation is listed per function.
+DDIM inversion defaults to the field's convention (diffusers, null-text inversion: the network is called on the
+current sample with the target level's label), which is not the T_{a->b} above; see `ddim_invert`.
 
 k-diffusion-style free functions ``f(model, x, sigmas, ..., *, generator=None, callback=None, extra_args=None)``:
 
 - ``model(x, sigma, **extra_args) -> x0_hat`` (an `restore.engine.wrappers.EDMDenoiser`; its wrapper counts the NFE);
 - ``sigmas``: 1-D levels as from `restore.engine.schedules.karras_sigmas` -- **descending** for the samplers (may end
-  in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0), as `restore.engine.sampling`
-  does; regenerate with the inversion's levels reversed, ``sigmas.flip(0)``;
+  in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0; standard DDIM inversion may start
+  at 0), as `restore.engine.sampling` does; regenerate with the inversion's levels reversed, ``sigmas.flip(0)``;
 - ``callback(d)`` once per network call with keys ``x``, ``i``, ``sigma``, ``sigma_next``, ``denoised``;
 - ``generator`` is accepted for interchangeability and ignored (all are deterministic).
 
@@ -25,20 +28,25 @@ or 1/p^2 (EDICT) per step (inversion.md §3.5a, §4.2). DDIM inversion is only f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from operators.utils import Generator
-from restore.engine.sampling import Callback, check_monotone
+from restore.engine.sampling import Callback, check_monotone, ddim_step
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 Gamma = float | Sequence[float] | torch.Tensor
 
 
-def _levels(sigmas, descending: bool) -> list[float]:
-    check_monotone(sigmas, descending=descending)
+def _levels(sigmas, descending: bool, zero_start: bool = False) -> list[float]:
+    check_monotone(sigmas, descending=descending, zero_start=zero_start)
     return [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
+
+__all__ = ["DDIM_CONVENTIONS", "bdia_invert", "bdia_sample", "ddim_invert", "ddim_sample", "ddim_step", "edict_invert",
+           "edict_sample", "obelm_gammas"]
 
 
 def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, callback: Callback,
@@ -50,34 +58,62 @@ def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, ca
     return denoised
 
 
-def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """DDIM transfer (eta = 0) from level sigma to sigma_next in VE form: x0_hat + (sigma_next/sigma)(x - x0_hat)
-    (Song et al. 2021, DDIM Eq. 12 with alpha = 1; = an Euler step of Karras et al. 2022, Eq. 3). Either direction;
-    sigma_next = 0 returns x0_hat exactly."""
-    return denoised + (sigma_next / sigma) * (x - denoised)
-
-
 # --------------------------------------------------------------------------------------------------- DDIM
 def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                 extra_args: dict | None = None) -> torch.Tensor:
-    """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021,
-    Eq. 12, eta = 0; inversion.md §2.1). Algebraically `restore.engine.sampling.sample_euler`. NFE = len(sigmas) - 1."""
+    """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021, Eq. 12
+    with eta = 0, in the ODE form of Eq. 13; inversion.md §2.1); equal to diffusers' ``DDIMScheduler`` with eta = 0
+    on the matching levels (tests/test_ddim_diffusers.py) and to `restore.engine.sampling.sample_euler` (the same
+    `ddim_step`). NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=True)
     for i in range(len(s) - 1):
-        x = ddim_step(x, _denoise(model, x, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
+        denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
+        x = ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
     return x
 
 
-def ddim_invert(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
-                extra_args: dict | None = None) -> torch.Tensor:
-    """DDIM inversion (Song et al. 2021, DDIM §4.3; as used by Mokady et al. 2023): the DDIM update run uphill along
-    ascending ``sigmas``, with x0_hat evaluated at the *current* state and level (the "aligned" label
-    convention (b) of inversion.md §2.1; diffusers uses the target label instead). ``x`` is the state at
-    ``sigmas[0]``; returns the state at ``sigmas[-1]``. Not exact: the round trip through `ddim_sample`
-    has an O(1/N) error (inversion.md §2.1). NFE = len(sigmas) - 1."""
-    s = _levels(sigmas, descending=False)
+DDIM_CONVENTIONS = ("standard", "current-level")
+
+
+def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard", generator: Generator = None,
+                callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
+    """DDIM inversion: the deterministic DDIM update (Song et al. 2021, Eq. 13, the Euler form of their ODE Eq. 14,
+    run backwards to encode, §4.3) taken uphill along ascending ``sigmas``. ``x`` is the state at ``sigmas[0]``;
+    returns the state at ``sigmas[-1]``. Not exact: the round trip through `ddim_sample` has an O(1/N) error
+    (inversion.md §2.1). NFE = len(sigmas) - 1. Two conventions for where the network is evaluated:
+
+    ``"standard"`` (default): the field's DDIM inversion, that of diffusers' ``DDIMInverseScheduler`` (the loop
+    ``eps = unet(x, t); x = step(eps, t, x)`` over ascending t) and of null-text inversion (Mokady et al. 2023,
+    CVPR; its DDIM-inversion loop). A step from level t_i to t_{i+1} calls the network on the *current* sample
+    with the *target* label t_{i+1}, removes that noise estimate with the current level's alpha and adds it back
+    with the target's: in VP terms eps = eps_theta(x_vp, t_{i+1}), x0_hat = (x_vp - sqrt(1 - abar_i) eps) /
+    sqrt(abar_i), x_vp' = sqrt(abar_{i+1}) x0_hat + sqrt(1 - abar_{i+1}) eps. In EDM terms (x = x_vp / sqrt(abar),
+    sigma = sqrt((1 - abar) / abar)) the network sees the same VP sample read at level sigma', i.e. the EDM input
+    x_in = x sqrt((1 + sigma'^2) / (1 + sigma^2)) at sigma', so eps_hat = (x_in - D(x_in; sigma')) / sigma' and
+    x' = `ddim_step`(x, eps_hat, sigma, sigma') (tests/test_ddim_diffusers.py: equal to diffusers to rounding).
+    ``sigmas[0]`` may be 0: the input is then clean and the first step x' = x + sigma_1 eps_hat (diffusers'
+    ``set_alpha_to_one=True``); the network is never called at level 0.
+
+    ``"current-level"``: x0_hat = D(x; sigma) at the current state *and* level, i.e. the explicit Euler step of
+    the PF ODE upwards (= `restore.engine.sampling.edm_ode_invert` with ``method="euler"``; the "aligned" label
+    convention (b) of inversion.md §2.1; the step BDIA's exact inversion starts with). ``sigmas`` must start > 0.
+
+    The callback gets ``x`` (the state at ``sigma``), ``sigma``, ``sigma_next`` and ``denoised``: the clean
+    estimate the step moves from, x0_hat = x - sigma eps_hat (for "current-level" D(x; sigma) itself).
+    """
+    if convention not in DDIM_CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(DDIM_CONVENTIONS)}, got {convention!r}")
+    s = _levels(sigmas, descending=False, zero_start=convention == "standard")
     for i in range(len(s) - 1):
-        x = ddim_step(x, _denoise(model, x, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
+        if convention == "current-level":
+            denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
+            x = ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
+            continue
+        x_in = x * math.sqrt((1 + s[i + 1] ** 2) / (1 + s[i] ** 2))  # the same VP sample, read at the target level
+        eps = (x_in - model(x_in, s[i + 1], **(extra_args or {}))) / s[i + 1]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": s[i], "sigma_next": s[i + 1], "denoised": x - s[i] * eps})
+        x = ddim_step(x, eps, s[i], s[i + 1])
     return x
 
 
@@ -136,9 +172,10 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, ge
     x_prev, x = x if isinstance(x, tuple) else (None, x)
     for i in range(0 if x_prev is None else 1, len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        x_next = ddim_step(x, denoised, s[i], s[i + 1])
+        eps = (x - denoised) / s[i]
+        x_next = ddim_step(x, eps, s[i], s[i + 1])
         if x_prev is not None:
-            x_next = g[i] * (x_prev - ddim_step(x, denoised, s[i], s[i - 1])) + x_next
+            x_next = g[i] * (x_prev - ddim_step(x, eps, s[i], s[i - 1])) + x_next
         x_prev, x = x, x_next
     return x
 
@@ -151,7 +188,8 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
         x_{i+1} = (x_{i-1} - T_{i->i-1}(x_i)) / gamma_i + T_{i->i+1}(x_i)      (indices follow ascending sigmas)
 
     with x0_hat = D(x_i; sigma_i) at the current state and level, the triple `bdia_sample` uses. The first step
-    sigmas[0] -> sigmas[1] is plain DDIM inversion (it only selects the trajectory; it is never undone).
+    sigmas[0] -> sigmas[1] is a current-level DDIM inversion step (``ddim_invert(..., convention="current-level")``,
+    as in BDIA's editing code; it only selects the trajectory and is never undone).
     ``gamma``: scalar or per level of ``sigmas`` (for a per-level array computed on the sampling grid pass it
     flipped); every used value must be > 0 -- rounding is amplified by about prod(1/gamma_i) (§3.5a), so gamma
     < 0.9 is unsafe beyond ~20 steps. ``x`` is the state at ``sigmas[0]``.
@@ -166,9 +204,10 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
     x_prev = None
     for i in range(len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        x_next = ddim_step(x, denoised, s[i], s[i + 1])
+        eps = (x - denoised) / s[i]
+        x_next = ddim_step(x, eps, s[i], s[i + 1])
         if x_prev is not None:
-            x_next = (x_prev - ddim_step(x, denoised, s[i], s[i - 1])) / g[i] + x_next
+            x_next = (x_prev - ddim_step(x, eps, s[i], s[i - 1])) / g[i] + x_next
         x_prev, x = x, x_next
     return x, x_prev
 
@@ -176,8 +215,8 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
 # -------------------------------------------------------------------------------------------------- EDICT
 def _edict_eps(model, z: torch.Tensor, i: int, sigma: float, sigma_next: float, callback: Callback,
                extra_args: dict | None) -> torch.Tensor:
-    """(sigma_next - sigma) * eps_hat(z; sigma): the DDIM increment driven by the *other* sequence."""
-    return (sigma_next - sigma) * (z - _denoise(model, z, i, sigma, sigma_next, callback, extra_args)) / sigma
+    """eps_hat(z; sigma) = (z - D(z; sigma))/sigma: the other sequence's noise estimate that drives a DDIM step."""
+    return (z - _denoise(model, z, i, sigma, sigma_next, callback, extra_args)) / sigma
 
 
 def _check_p(p: float) -> None:
@@ -195,9 +234,10 @@ def edict_sample(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
 
         x' = x + b eps(y; sigma_i);  y' = y + b eps(x'; sigma_i);  x <- p x' + (1-p) y';  y <- p y' + (1-p) x
 
-    (eps of x' uses label sigma_i although x' is at sigma_{i+1}, as in the paper). ``leapfrog`` swaps the roles
-    of x and y on odd steps (official code default). ``x``: a tensor (x = y) or the pair from `edict_invert`.
-    Returns x (or the pair with ``return_pair``). NFE = 2 (len(sigmas) - 1).
+    (x + b eps is `ddim_step` driven by the other sequence's eps; eps of x' uses label sigma_i although x' is at
+    sigma_{i+1}, as in the paper). ``leapfrog`` swaps the roles of x and y on odd steps (official code default).
+    ``x``: a tensor (x = y) or the pair from `edict_invert`. Returns x (or the pair with ``return_pair``).
+    NFE = 2 (len(sigmas) - 1).
     """
     _check_p(p)
     s = _levels(sigmas, descending=True)
@@ -205,8 +245,8 @@ def edict_sample(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
     for i in range(len(s) - 1):
         if leapfrog and i % 2:
             x, y = y, x
-        x_inter = x + _edict_eps(model, y, i, s[i], s[i + 1], callback, extra_args)
-        y_inter = y + _edict_eps(model, x_inter, i, s[i], s[i + 1], callback, extra_args)
+        x_inter = ddim_step(x, _edict_eps(model, y, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
+        y_inter = ddim_step(y, _edict_eps(model, x_inter, i, s[i], s[i + 1], callback, extra_args), s[i], s[i + 1])
         x = p * x_inter + (1 - p) * y_inter
         y = p * y_inter + (1 - p) * x
         if leapfrog and i % 2:
@@ -221,10 +261,11 @@ def edict_invert(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
 
         y' = (y - (1-p) x)/p;  x' = (x - (1-p) y')/p;  y <- y' - b eps(x'; sigma_hi);  x <- x' - b eps(y; sigma_hi)
 
-    with b = sigma_lo - sigma_hi and the leapfrog parity of the corresponding sampling step. ``x``: a tensor
-    (x = y) or a pair at ``sigmas[0]``. Returns the pair (x, y) at ``sigmas[-1]``; regenerate with
-    ``edict_sample(model, pair, sigmas.flip(0), p, leapfrog)``. Disagreement x - y grows by 1/p^2 per step
-    (§4.2). NFE = 2 (len(sigmas) - 1). The callback reports sigma = sigma_hi (the label) and sigma_next = sigma_lo.
+    with b = sigma_lo - sigma_hi (`ddim_step` from sigma_lo back to sigma_hi) and the leapfrog parity of the
+    corresponding sampling step. ``x``: a tensor (x = y) or a pair at ``sigmas[0]``. Returns the pair (x, y) at
+    ``sigmas[-1]``; regenerate with ``edict_sample(model, pair, sigmas.flip(0), p, leapfrog)``. Disagreement x - y
+    grows by 1/p^2 per step (§4.2). NFE = 2 (len(sigmas) - 1). The callback reports sigma = sigma_hi (the label) and
+    sigma_next = sigma_lo.
     """
     _check_p(p)
     s = _levels(sigmas, descending=False)
@@ -237,8 +278,8 @@ def edict_invert(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
             x, y = y, x
         y_inter = (y - (1 - p) * x) / p
         x_inter = (x - (1 - p) * y_inter) / p
-        y = y_inter - _edict_eps(model, x_inter, j, hi, lo, callback, extra_args)
-        x = x_inter - _edict_eps(model, y, j, hi, lo, callback, extra_args)
+        y = ddim_step(y_inter, _edict_eps(model, x_inter, j, hi, lo, callback, extra_args), lo, hi)  # the step back
+        x = ddim_step(x_inter, _edict_eps(model, y, j, hi, lo, callback, extra_args), lo, hi)
         if leapfrog and step % 2:
             x, y = y, x
     return x, y

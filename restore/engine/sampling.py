@@ -90,6 +90,22 @@ def sample_cm_multistep(model, x: torch.Tensor, sigmas, *, generator: Generator 
     return sample_plan(model, x, plan, generator=generator, callback=callback, extra_args=extra_args)
 
 
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """The deterministic DDIM step, which in EDM coordinates is also the Euler step of the PF ODE; the one place this
+    update is written (samplers, inversions and baselines all call it):
+
+        x' = x + (sigma_next - sigma) eps_hat = x0_hat + (sigma_next / sigma)(x - x0_hat),  eps_hat = (x - x0_hat)/sigma
+
+    It is DDIM's update in its ODE form (Song et al. 2021, Eq. 13: x_{t-dt}/sqrt(a_{t-dt}) = x_t/sqrt(a_t) +
+    (sigma_{t-dt} - sigma_t) eps_theta, whose states x/sqrt(a) are these EDM states) and the Euler step of
+    dx/dsigma = (x - D(x; sigma))/sigma = eps_hat (Karras et al. 2022, Eq. 3 and Algorithm 1). Either direction
+    (sigma_next below or above sigma); for the same ``eps`` the step back, ``ddim_step(x', eps, sigma_next, sigma)``,
+    undoes it up to rounding (EDICT's inversion relies on this). Stochastic and data-consistent variants move a
+    (modified) clean estimate from level 0, ``ddim_step(x0_hat, eps, 0, c)`` = x0_hat + c eps, and add fresh noise
+    themselves (`baselines.common.renoise`, DDRM)."""
+    return x + (sigma_next - sigma) * eps
+
+
 def _probability_flow(model, x: torch.Tensor, sigmas, second_order: bool, callback: Callback,
                       extra_args: dict | None) -> torch.Tensor:
     """Integrate dx/dsigma = (x - D(x; sigma))/sigma (Karras et al. 2022, Eq. 3 with sigma(t) = t) along
@@ -102,7 +118,7 @@ def _probability_flow(model, x: torch.Tensor, sigmas, second_order: bool, callba
         d = (x - denoised) / sigma  # evaluate dx/dsigma at (x_i, sigma_i)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
-        x_next = x + (sigma_next - sigma) * d  # Euler step
+        x_next = ddim_step(x, d, sigma, sigma_next)  # Euler step (d = eps_hat in EDM coordinates)
         if second_order and sigma_next != 0:
             d_prime = (x_next - model(x_next, sigma_next, **extra_args)) / sigma_next
             x_next = x + (sigma_next - sigma) * (d + d_prime) / 2  # apply the 2nd-order (trapezoidal) correction
@@ -110,13 +126,15 @@ def _probability_flow(model, x: torch.Tensor, sigmas, second_order: bool, callba
     return x
 
 
-def check_monotone(sigmas, descending: bool) -> None:
+def check_monotone(sigmas, descending: bool, zero_start: bool = False) -> None:
+    """Levels strictly monotone, >= 0 and starting > 0 (ODE steps divide by the start level); ``zero_start``
+    also allows sigmas[0] = 0 (for steps that never evaluate the model there, e.g. standard DDIM inversion)."""
     s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(s) < 2:
         raise ValueError("need at least two noise levels")
     pairs = list(zip(s[:-1], s[1:]))
     ok = all(a > b for a, b in pairs) if descending else all(a < b for a, b in pairs)
-    if not ok or min(s) < 0 or s[0] == 0:
+    if not ok or min(s) < 0 or (s[0] == 0 and not zero_start):
         raise ValueError(f"noise levels must be strictly {'de' if descending else 'a'}scending, >= 0, "
                          f"and start > 0: {s}")
 

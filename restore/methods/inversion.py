@@ -6,7 +6,8 @@ Pipeline of `restore_bdia_restore` (registered as ``bdia-restore``):
 1. start: x = A^+(y) (linear operators; y itself otherwise, e.g. the decoded JPEG), plus ``noise`` z, taken as
    the PF-ODE state at ``sigma_in`` -- BCM's small-noise trick (bcm.md §4: noise = t = 0.07);
 2. invert along a Karras grid (rho = 7) sigma_in -> sigma_s with ``method``: "bdia" (BDIA-DDIM, exact,
-   returns a pair), "edict" (exact, pair) or "ddim" (approximate);
+   returns a pair), "edict" (exact, pair) or "ddim" (approximate; the field's standard DDIM inversion, that of
+   diffusers and null-text inversion, `restore.engine.exact_inversion.ddim_invert`'s default);
 3. regenerate along the same grid sigma_s -> sigma_in with the matching sampler, then one DDIM (Euler) step
    sigma_in -> 0, which returns the denoiser output D(x; sigma_in);
 4. data consistency ``dc``: "step" projects every x0 estimate of step 3 onto {x : A x = y} with ``op.project``
