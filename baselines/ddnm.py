@@ -1,6 +1,6 @@
 """DDNM: denoising diffusion null-space model (Wang, Yu, Zhang; ICLR 2023), noiseless version.
 
-Each step (the paper's Algorithm 1, noiseless; restoration.md §5.4): the range-null-space decomposition of the
+Each step (the paper's Algorithm 1, noiseless; docs/methods.md#ddnm): the range-null-space decomposition of the
 denoiser's estimate
 
     x0_hat <- A^+ y + (I - A^+ A) x0_hat        (= ``op.project(x0_hat, y)``, exact: A x0_hat = y)

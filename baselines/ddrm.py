@@ -2,7 +2,7 @@
 
 **DDRM** works in the spectral basis of a linear H = U S V^T: x_bar = V^T x, y_bar = S^+ U^T y, per-component
 measurement noise sigma_y / s_i. One step from sigma_t to sigma_s with x_bar_theta = V^T D(x_t; sigma_t)
-(DDRM §3, in the paper's VE-scaled variables x_t / sqrt(abar_t); restoration.md §5.1):
+(DDRM §3, in the paper's VE-scaled variables x_t / sqrt(abar_t); docs/methods.md#ddrm):
 
 1. s_i = 0 (null space): x_bar_theta + sqrt(1 - eta^2) sigma_s (x_bar_t - x_bar_theta) / sigma_t + eta sigma_s z;
 2. sigma_s < sigma_y / s_i: x_bar_theta + sqrt(1 - eta^2) sigma_s (y_bar - x_bar_theta) / (sigma_y / s_i)
@@ -22,7 +22,7 @@ measured on a probe and the identity H H^T = s^2 I checked; antialiased bicubic 
 singular values and is **not supported** (it needs the separable SVD of the two axis matrices, which the
 operator does not expose).
 
-**DDRM-JPEG** generalises the pseudo-inverse step to J = decode o encode (restoration.md §5.2): range
+**DDRM-JPEG** generalises the pseudo-inverse step to J = decode o encode (docs/methods.md#ddrm-jpeg): range
 replacement x_tilde = x0_hat - J(x0_hat) + y, then
 x_s = eta_B x_tilde + (1 - eta_B) x0_hat + sigma_s (eta_A z + (1 - eta_A) eps_hat)
 (the VE form of the VP update in ``functions/denoising.py``), with eta_B = 0.4, eta_A = 1 and an SDEdit start

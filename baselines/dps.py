@@ -1,6 +1,6 @@
 """DPS: Diffusion Posterior Sampling (Chung, Kim, McCann, Klasky, Ye; ICLR 2023), Algorithm 1.
 
-Each step (restoration.md §4.1): x0_hat = D(x_i; sigma_i); x'_{i-1} = the DDPM ancestral step from x_i towards
+Each step (docs/methods.md#dps): x0_hat = D(x_i; sigma_i); x'_{i-1} = the DDPM ancestral step from x_i towards
 x0_hat; x_{i-1} = x'_{i-1} - zeta_i grad_{x_i} ||y - A(x0_hat(x_i))||, the gradient flowing back through the
 denoiser and the operator (one forward and one backward pass per step). As in the official code
 (``PosteriorSampling``: the gradient of the *unsquared* norm times ``scale``) the step is zeta' times the
@@ -18,10 +18,10 @@ Deviations from the original code:
   variance of the ADM checkpoints; no ``clip_denoised``.
 * Start A^+ y + sigma_max z instead of pure noise (`baselines.common`; negligible at sigma_max = 80, and it
   gives size-changing operators their image shape, cf. deepinv#941).
-* JPEG (not in the paper): A = the differentiable codec ``op.differentiable`` (kornia; restoration.md §4.4)
+* JPEG (not in the paper): A = the differentiable codec ``op.differentiable`` (kornia; docs/methods.md#dps)
   inside the gradient, the real codec only produced y.
 * Step size zeta' keeps the paper's per-step value (0.5 inpainting, 0.3 super-resolution, the configs of
-  restoration.md §4.2; 1.0 for JPEG, which the paper does not cover) whatever the step count; with far fewer
+  docs/methods.md#dps; 1.0 for JPEG, which the paper does not cover) whatever the step count; with far fewer
   than 1000 steps the total guidance is correspondingly weaker -- that is the method's low-NFE behaviour.
 """
 

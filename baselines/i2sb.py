@@ -2,8 +2,8 @@
 arXiv 2302.05872).
 
 A supervised bridge from the degraded image X_1 to the clean image X_0, one model per degradation
-(restoration.md §2; code: NVlabs/I2SB ``i2sb/diffusion.py``, ``i2sb/runner.py``). Everything lives in I2SB's own
-discrete time n = 0..N-1 (DESIGN.md §3: the adapter to the project's sigma-conditioned network is here, next to the
+(docs/methods.md#i2sb; code: NVlabs/I2SB ``i2sb/diffusion.py``, ``i2sb/runner.py``). Everything lives in I2SB's own
+discrete time n = 0..N-1 (docs/design.md#conventions: the adapter to the project's sigma-conditioned network is here, next to the
 model, and no API mixes indices and sigmas):
 
 * schedule (§2.1, :class:`BridgeSchedule`): beta_n linear in sqrt(beta) from 1e-4 to beta_max / N, first half kept
@@ -20,7 +20,7 @@ model, and no API mixes indices and sigmas):
   (``xs[:, 0]``). Inpainting: after every step the observed pixels are replaced by X_1 plus the bridge noise of
   level m (none with OT-ODE).
 * X_1 = ``baselines.palette.degraded_image``: A^+ y at full size, the hole of masking operators filled with
-  N(0, I) noise (upstream: noise-filled hole). Per-task defaults (restoration.md §2.1, ``scripts/train.sh``):
+  N(0, I) noise (upstream: noise-filled hole). Per-task defaults (docs/methods.md#i2sb, ``scripts/train.sh``):
   beta_max = 0.3 for JPEG and super-resolution, 1.0 with OT-ODE for inpainting.
 
 Deviations from the original:
@@ -50,7 +50,7 @@ from restore.methods import register_method
 from restore.engine.wrappers import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator
 
 I2SB_OPERATORS = ("jpeg", "box", "randbox", "down")
-# Per-task bridge settings of the paper's scripts (restoration.md §2.1): (beta_max, OT-ODE).
+# Per-task bridge settings of the paper's scripts (docs/methods.md#i2sb): (beta_max, OT-ODE).
 TASK_DEFAULTS = {"jpeg": (0.3, False), "down": (0.3, False), "box": (1.0, True), "randbox": (1.0, True)}
 
 

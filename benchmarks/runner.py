@@ -1,4 +1,4 @@
-"""Run a benchmark suite into a resumable long-format results table (DESIGN.md §4.4, §4.5, §6).
+"""Run a benchmark suite into a resumable long-format results table (docs/design.md#benchmarks).
 
 Layout of an output folder::
 

@@ -1,4 +1,4 @@
-"""Benchmark suites: what to run, as TOML files (DESIGN.md §4.4; restoration.md §9).
+"""Benchmark suites: what to run, as TOML files (docs/design.md#benchmarks).
 
 A suite names a dataset, the images to use, the degradation operators, the methods with their models,
 NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::

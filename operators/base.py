@@ -1,4 +1,4 @@
-"""The operator contract shared by every degradation (DESIGN.md §4.1, restoration.md §9.1).
+"""The operator contract shared by every degradation (docs/design.md#operators).
 
 An operator is a plain object (no ``nn.Module``: it has no learnable state) built from a spec such as
 ``jpeg:quality=10``. It works on images ``(B, C, H, W)`` in ``[-1, 1]`` on any device, in float32 or

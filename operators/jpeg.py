@@ -14,7 +14,7 @@ codec in the same coordinates libjpeg uses (ITU-T T.81 / JFIF):
   libjpeg's ``jpeg_set_quality(quality, force_baseline=TRUE)`` (Pillow's ``quality=``).
 
 :meth:`JPEG.project` is the projection onto the quantisation constraint set (QCS) of POCS
-deblocking (Zakhor 1992; Reeve and Lim 1984; restoration.md §6.4): every coefficient of ``x`` is
+deblocking (Zakhor 1992; Reeve and Lim 1984; docs/design.md#jpeg-operator): every coefficient of ``x`` is
 clipped into its cell ``[(q - 1/2) Q, (q + 1/2) Q]`` around the coefficient index ``q`` of ``y``
 (recovered from the decoded ``y``; Pillow does not expose the file's coefficients), with a small
 safety margin so that the result survives 8-bit rounding. On CIFAR-10 (x = blurred truth) 98 % of
@@ -161,7 +161,7 @@ class JPEG(Operator):
         return from_unit(jpeg_codec_differentiable(to_unit(x).clamp(0, 1), quality))
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
-        """Generalised inverse of restoration.md §9.1: the decoded image itself (``J(y) ~= y``)."""
+        """Generalised inverse of docs/design.md#operators: the decoded image itself (``J(y) ~= y``)."""
         return y.clone()
 
     # -- the quantisation constraint set -------------------------------------------------------------
@@ -176,7 +176,7 @@ class JPEG(Operator):
         clip (which the clipped ``y`` allows) and ``q`` re-estimated, ``refine`` times (a
         consistent-decoding fixed point; it changes nothing when no pixel of ``y`` saturates).
         ``decoded=False``: ``y`` is a raw image; this is the float model of libjpeg's encoder
-        (box-averaged chroma), e.g. for the codec-level consistency check of restoration.md §6.2.
+        (box-averaged chroma), e.g. for the codec-level consistency check of docs/design.md#metrics.
         """
         y = self._pad(y)
         q = self._estimate(self._planes(y), decoded)
@@ -214,7 +214,7 @@ class JPEG(Operator):
         return self._image(planes)
 
     def project(self, x: torch.Tensor, y: torch.Tensor, *, iterations: int = 10, margin: float = 2.0) -> torch.Tensor:
-        """Projection of ``x`` onto the JPEG quantisation constraint set of ``y`` (restoration.md §6.4).
+        """Projection of ``x`` onto the JPEG quantisation constraint set of ``y`` (docs/design.md#jpeg-operator).
 
         In YCbCr every block-DCT coefficient (0..255 scale, orthonormal DCT) is clipped into the cell
         ``[(q - 1/2) Q, (q + 1/2) Q]`` of ``y``'s coefficient index ``q`` (:meth:`quantized_coefficients`),

@@ -1,7 +1,7 @@
 """Box inpainting operators: a fixed (by default centred) box and a box placed per image at random.
 
 Both are the linear masking ``A x = m * x`` with ``m`` boolean, ``True`` = observed: ``y`` keeps the
-observed pixels and holds 0 in the hole (the fill value never enters a metric, restoration.md §6.2).
+observed pixels and holds 0 in the hole (the fill value never enters a metric, docs/design.md#metrics).
 ``A`` is an orthogonal projection, so ``adjoint = pinv = forward`` and
 ``project(x, y) = (1 - m) x + m y`` (replacement, as in the consistency-model inpainting of
 Song et al. 2023, Algorithm 4). ``op.mask`` is ``(1 or B, 1, H, W)`` for the last image size seen.

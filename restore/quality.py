@@ -97,7 +97,7 @@ def consistency_psnr(x_hat: torch.Tensor, y: torch.Tensor, op, *, cap: float | N
     """Per-image consistency PSNR (dB): how well the 8-bit restoration reproduces the observed measurement.
 
     cons-PSNR(x_hat; y, A) = 10 log10(1 / MSE_obs), MSE_obs = (1 / |Omega|) sum_{k in Omega} (A(q(x_hat))_k - y_k)^2
-    (definition of restoration.md §6.2; cf. SR3's LR-consistency), where
+    (definition of docs/design.md#metrics; cf. SR3's LR-consistency), where
 
     * ``q`` quantises ``x_hat`` to 8 bit (what is saved; it also clamps to the valid range, as the
       measurement pipeline does) and ``A = op`` is the same operator that produced ``y``;

@@ -71,7 +71,7 @@ GAUSSIAN_MU, GAUSSIAN_S = 0.3, 0.5  # Gaussian data N(mu, s^2 I) of the oracle t
 
 @pytest.fixture
 def g():
-    """The Gaussian data whose PF-ODE flow map is closed-form (DESIGN.md §5)."""
+    """The Gaussian data whose PF-ODE flow map is closed-form (docs/design.md#tests-and-oracles)."""
     from restore.engine.oracles import GaussianFlow
 
     return GaussianFlow(GAUSSIAN_MU, GAUSSIAN_S)

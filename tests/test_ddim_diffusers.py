@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 
+import diffusers
 import pytest
 import torch
 
 from restore.engine.exact_inversion import ddim_invert, ddim_sample
 from restore.engine.oracles import GaussianFlow
 from restore.engine.schedules import karras_sigmas
-
-diffusers = pytest.importorskip("diffusers")
 
 MU, S = 0.3, 0.5
 FLOW = GaussianFlow(MU, S)

@@ -94,7 +94,7 @@ def test_gamma_zero_is_ddim(gamma):
 
 
 def test_regeneration_needs_the_pair():
-    """Restarting from the top state alone (DDIM first step) loses exactness (inversion.md §3.4 step 5)."""
+    """Restarting from the top state alone (DDIM first step) loses exactness (docs/methods.md#bdia)."""
     model, x0 = oracle_edm(MU, S), _data()
     down = karras_sigmas(21, SMIN, SMAX, append_zero=False)
     pair = bdia_invert(model, x0, down.flip(0))

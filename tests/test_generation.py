@@ -53,7 +53,7 @@ def test_edm_generation_counts_heun_evaluations():
 @pytest.mark.parametrize("nfe", [1, 2, 3])
 def test_bcm_reconstruction_is_the_flow_map_of_the_noised_image(nfe):
     """Invert x + 0.07 z (a point at t = 0.07) and regenerate: with the exact flow map the result is the
-    trajectory's point at sigma_min, whatever the intermediate levels (bcm.md §4)."""
+    trajectory's point at sigma_min, whatever the intermediate levels (docs/methods.md#bcm-inversion)."""
     model, flow = oracle_bcm(MU, S), GaussianFlow(MU, S)
     x = flow.sample((4, *SHAPE), generator=torch.Generator().manual_seed(0)).double()
     rec = reconstruct(model, x, nfe, seed=1)

@@ -328,7 +328,7 @@ def test_guard_names_keep_subfolders_and_avoid_clashes(tmp_path):
 
 
 def test_write_csv_atomic_rows_and_dataframe(tmp_path):
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     rows = [{"image_id": "a.png", "psnr": 30.5}, {"image_id": "b,c.png", "psnr": 28.0, "ssim": 0.9}]
     path = write_csv_atomic(rows, tmp_path / "m.csv")
     with open(path, newline="") as f:

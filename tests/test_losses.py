@@ -112,7 +112,7 @@ def test_lognormal_weights_are_normal_interval_masses(num_points):
 @pytest.mark.parametrize("step, expected", [(0, 11), (99_999, 11), (100_000, 21), (250_000, 41),
                                             (699_999, 641), (700_000, 1281), (10_000_000, 1281)])
 def test_curriculum_doubles_every_k_prime(step, expected):
-    # K = 800k, s0 = 10, s1 = 1280: K' = 800k / 8 = 100k (bcm.md §2.2).
+    # K = 800k, s0 = 10, s1 = 1280: K' = 800k / 8 = 100k (docs/methods.md#ict).
     assert L.curriculum_num_points(step, 800_000) == expected
 
 

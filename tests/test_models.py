@@ -73,7 +73,7 @@ def test_boundary_conditions_are_exact():
 
 
 def test_bcm_scalings_match_cm_at_sigma_min():
-    """bcm.md §1.2: at u = sigma_min, c_out and c_in equal the CM ones; c_skip differs by < 0.002 / t."""
+    """docs/methods.md#bcm-parametrisation: at u = sigma_min, c_out and c_in equal the CM ones; c_skip differs by < 0.002 / t."""
     b_skip, b_out, b_in = bcm_scalings(LEVELS, torch.full_like(LEVELS, SMIN), SD)
     c_skip, c_out, c_in = cm_scalings(LEVELS, SD, SMIN)
     torch.testing.assert_close(b_out, c_out)
@@ -145,7 +145,7 @@ def test_cm_boundary_and_target_check():
 
 
 def test_bcm_is_an_euler_step_with_the_edm_denoiser():
-    """bcm.md §1.3: f(x,t,u) = x + (u - t)(x - D(x;t))/t with D the EDM-preconditioned output of the same F."""
+    """docs/methods.md#bcm-parametrisation: f(x,t,u) = x + (u - t)(x - D(x;t))/t with D the EDM-preconditioned output of the same F."""
     net = TinyNet().double()  # ignores u: the "effective denoiser" is then the EDM denoiser of F
     bcm, edm = BCM(net), EDMDenoiser(net)
     x = _x(scale=3.0, dtype=torch.float64)

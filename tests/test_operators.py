@@ -1,4 +1,4 @@
-"""Property tests over the whole operator registry (DESIGN.md §5, restoration.md §9.4).
+"""Property tests over the whole operator registry (docs/design.md#tests-and-oracles).
 
 Every spec in SPECS is checked for shapes / dtype / device, adjointness and pseudo-inverse (linear),
 projection (consistent, idempotent, closest point), determinism and batch independence of its

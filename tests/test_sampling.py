@@ -46,7 +46,7 @@ def test_karras_sigmas():
 
 
 def test_bcm_paper_plans_are_the_table():
-    """bcm.md §3: chains and NFE for 1..4."""
+    """docs/methods.md#bcm-sampling: chains and NFE for 1..4."""
     J, R = Jump, Renoise
     expected = {
         1: (J(80, 0.002),),

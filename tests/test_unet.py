@@ -14,8 +14,9 @@ import torch
 from restore.engine.networks import UNet, UNetConfig, count_parameters
 from restore.engine.networks.layers import AttentionBlock, SyncDropout, timestep_embedding
 
-LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bcm_imagenet64_layout.json"
-BCM_IMAGENET64_PARAMS = 279_941_571  # bcm.md §7
+# key -> shape of the official BCM ImageNet-64 state dict (read off the released checkpoint; tests/data/README.md)
+LAYOUT = Path(__file__).resolve().parent / "data" / "bcm_imagenet64_layout.json"
+BCM_IMAGENET64_PARAMS = 279_941_571  # docs/models.md#upstream-checkpoints
 U_KEYS = ("time_embed_end.", "time_embed_align.")
 
 
@@ -54,8 +55,6 @@ def inputs(config: UNetConfig, batch: int = 2, seed: int = 1) -> tuple[torch.Ten
 def test_imagenet64_bcm_matches_official_layout():
     net = meta_unet("imagenet64-bcm")
     assert count_parameters(net) == BCM_IMAGENET64_PARAMS
-    if not LAYOUT.is_file():
-        pytest.skip(f"{LAYOUT} not found (reference layout lives in ../shared/reference)")
     layout = json.loads(LAYOUT.read_text())
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
     assert list(shapes) == list(layout["keys"])  # same keys in the same (module registration) order
@@ -68,7 +67,7 @@ def test_ict_preset_is_bcm_without_u_embedding():
     assert set(ict) == {k for k in bcm if not k.startswith(U_KEYS)}
     assert all(ict[k].shape == bcm[k].shape for k in ict)
     u_params = sum(v.numel() for k, v in bcm.items() if k.startswith(U_KEYS))
-    assert u_params == (192 * 768 + 768 + 768 * 768 + 768) + 1536 * 768  # bcm.md §1.2: the u MLP + align
+    assert u_params == (192 * 768 + 768 + 768 * 768 + 768) + 1536 * 768  # docs/methods.md#bcm-parametrisation: the u MLP + align
 
 
 @pytest.mark.parametrize("name, low, high", [("cifar-tiny", 0.5e6, 1e6), ("cifar-small", 2e6, 6e6)])

@@ -1,6 +1,6 @@
 """Bidirectional consistency fine-tuning (BCF) initialisation from a pretrained consistency model.
 
-Li & He 2024, bcm.md §1.2 and §2.4 (official ``BCM/scripts/cm_train.py``): load the CM weights into a UNet with
+Li & He 2024, docs/methods.md#bcf-fine-tuning (official ``BCM/scripts/cm_train.py``): load the CM weights into a UNet with
 the u pathway, copy ``time_embed`` into ``time_embed_end`` and set the bias-free ``time_embed_align`` to
 [I | 0], so the new network ignores u and, at u = σ_min, reproduces the CM up to the boundary-scaling change
 c_skip: σ_d²/((t−σ_min)² + σ_d²) (CM) → (t·σ_min + σ_d²)/(t² + σ_d²) (BCM); c_out is identical.

@@ -53,7 +53,7 @@ class TrainConfig:
     steps: int = 20_000  # total optimiser steps of the run (a later call may raise it)
     batch: int = 128  # global batch size (all ranks together)
     lr: float = 1e-4  # learning rate (BCF/iCT: 1e-4)
-    optimizer: str = "radam"  # "adam" | "radam" (BCF: RAdam, bcm.md §2.3)
+    optimizer: str = "radam"  # "adam" | "radam" (BCF: RAdam, docs/methods.md#bct)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0

@@ -9,8 +9,7 @@ losses), ``x`` clean images (B, C, H, W) in [-1, 1], ``step`` the optimiser step
 curriculum), ``generator`` the only source of randomness (noise levels, noise, dropout seed).
 
 Dropout: each loss draws one seed from ``generator`` and runs all its network passes inside
-``model.net.dropout_seed(seed)``, so the online and target passes of a step see identical dropout masks (bcm.md
-§2.1 item 8) without touching the global RNG. Nets without ``dropout_seed`` are accepted only if they have no
+``model.net.dropout_seed(seed)``, so the online and target passes of a step see identical dropout masks (docs/methods.md#bct) without touching the global RNG. Nets without ``dropout_seed`` are accepted only if they have no
 active ``nn.Dropout``.
 """
 
@@ -40,7 +39,7 @@ __all__ = [
 
 def lognormal_interval_weights(grid: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
     """Probability of each grid interval [t_k, t_{k+1}] under ln t ~ N(p_mean, p_std²), normalised to sum 1
-    (Song & Dhariwal 2023, iCT Sec. 3.5; bcm.md §2.1 item 2):
+    (Song & Dhariwal 2023, iCT Sec. 3.5; docs/methods.md#ict):
     p_k ∝ erf((ln t_{k+1} − p_mean)/(√2·p_std)) − erf((ln t_k − p_mean)/(√2·p_std)). Shape (N−1,)."""
     cdf = torch.special.erf((grid.log() - p_mean) / (math.sqrt(2) * p_std))
     p = cdf[1:] - cdf[:-1]
@@ -49,14 +48,13 @@ def lognormal_interval_weights(grid: torch.Tensor, p_mean: float = -1.1, p_std: 
 
 def curriculum_num_points(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """Number of grid points N(k) of the iCT discretisation curriculum (iCT Eq. 5 "exponential" schedule;
-    bcm.md §2.2): K′ = ⌊K/(log₂(s1/s0) + 1)⌋, N(k) = min(s0·2^{⌊k/K′⌋}, s1) + 1."""
+    docs/methods.md#ict): K′ = ⌊K/(log₂(s1/s0) + 1)⌋, N(k) = min(s0·2^{⌊k/K′⌋}, s1) + 1."""
     k_prime = max(1, math.floor(total_steps / (math.log2(s1 / s0) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
-    """Per-sample pseudo-Huber distance (iCT Sec. 3.3), divided by √D like the official BCM code (bcm.md §2.1
-    item 7): d(a, b) = (√(‖a − b‖² + c²) − c)/√D with D = C·H·W and, by default, c = 0.00054·√D.
+    """Per-sample pseudo-Huber distance (iCT Sec. 3.3), divided by √D like the official BCM code (docs/methods.md#bct): d(a, b) = (√(‖a − b‖² + c²) − c)/√D with D = C·H·W and, by default, c = 0.00054·√D.
 
     The division is a global scale only (Adam is invariant to it); it keeps loss values comparable across
     resolutions. Returns (B,)."""
@@ -68,10 +66,10 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> to
 
 
 def _target(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-    """f_{θ⁻}(x, t, σ_min) with θ⁻ = stop-grad(θ) (target EMA 0, bcm.md §2.2).
+    """f_{θ⁻}(x, t, σ_min) with θ⁻ = stop-grad(θ) (target EMA 0, docs/methods.md#ict).
 
     The weights are detached but the call is *not* under no_grad: gradients flow into ``x`` (the BCT term needs
-    them, bcm.md §2.1 item 6) and never into the weights."""
+    them, docs/methods.md#bct) and never into the weights."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     return functional_call(model, params, (x, t), cond)
 
@@ -98,10 +96,10 @@ def _bshape(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ConsistencyLoss:
     """Consistency training without a teacher (iCT, Song & Dhariwal 2023, Eq. 7 with Sec. 3.3-3.5), optionally
-    plus the bidirectional term of BCT (Li & He 2024, bcm.md §2.1). :class:`ICTLoss` and :class:`BCTLoss` only
+    plus the bidirectional term of BCT (Li & He 2024, docs/methods.md#bct). :class:`ICTLoss` and :class:`BCTLoss` only
     change the defaults.
 
-    Per sample (bcm.md §2.1):
+    Per sample (docs/methods.md#bct):
       1. grid t_0 < … < t_{N−1} (Karras, ρ), N = :meth:`num_points` (curriculum or fixed);
       2. interval n ~ lognormal weights p (without the last interval if ``exclude_last_interval``),
          t = t_{n+1}, t′ = t_n; x_t = x + t·z, x_{t′} = x + t′·z with the same z;
@@ -143,7 +141,7 @@ class ConsistencyLoss:
     def grid(self, step: int, sigma_min: float, sigma_max: float, device=None) -> torch.Tensor:
         """The discretisation t_0 < ... < t_{N-1} at optimiser ``step``, float64: Karras et al. (2022) Eq. 5 levels
         (`restore.engine.schedules.karras_sigmas`, ascending), t_k = (smin^(1/rho) + k/(N-1) (smax^(1/rho) -
-        smin^(1/rho)))^rho, N = `num_points` (bcm.md §2.1 item 1)."""
+        smin^(1/rho)))^rho, N = `num_points` (docs/methods.md#ict)."""
         n = self.num_points(step)
         return karras_sigmas(n, sigma_min, sigma_max, self.rho, append_zero=False, device=device).flip(0)
 
@@ -197,7 +195,7 @@ class ICTLoss(ConsistencyLoss):
 
 @dataclass(frozen=True)
 class BCTLoss(ConsistencyLoss):
-    """Bidirectional consistency training (Li & He 2024, bcm.md §2.1): CT + BCT terms 1:1, last interval excluded
+    """Bidirectional consistency training (Li & He 2024, docs/methods.md#bct): CT + BCT terms 1:1, last interval excluded
     from the CT pair. ``bidirectional=False`` leaves plain CT (same pair sampling). Train a ``BCM`` with it."""
 
     bidirectional: bool = True

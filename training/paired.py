@@ -76,7 +76,7 @@ class PaletteLoss(_PairedLoss):
 
 @dataclass(frozen=True)
 class I2SBLoss(_PairedLoss):
-    """I2SB training (Liu et al. 2023, Algorithm 1; restoration.md §2.2): n ~ U{0..N-1}, X_n from the bridge
+    """I2SB training (Liu et al. 2023, Algorithm 1; docs/methods.md#i2sb): n ~ U{0..N-1}, X_n from the bridge
     marginal between X_0 = x and X_1 = degraded_image(op, y) (its mean only with ``ot_ode``), and the per-sample
     mean squared error of eps_theta(X_n, n) against (X_n - X_0) / sigma_n -- on the hole only for masking operators
     (upstream multiplies prediction and label by the mask; the mean still runs over all pixels).

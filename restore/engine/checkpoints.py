@@ -1,7 +1,7 @@
 """Model checkpoints: safetensors weights + JSON metadata, bundled models, safe loading of upstream files.
 
 File format ``bcm-restore/1``: a safetensors file holding the UNet state dict (official ADM/BCM key
-names, bcm.md §7) and string metadata
+names, docs/models.md#upstream-checkpoints) and string metadata
 
     format   "bcm-restore/1"
     wrapper  registered wrapper name ("edm", "cm", "bcm", ...), see `register_wrapper`
@@ -184,7 +184,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` state dict from an untrusted ``.pt``/``.pth`` (or ``.safetensors``) file.
 
     ``.pt`` files go through ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects;
-    the result must be a mapping of names to tensors (the official BCM/iCT format, bcm.md §7).
+    the result must be a mapping of names to tensors (the official BCM/iCT format, docs/models.md#upstream-checkpoints).
     """
     path = Path(path)
     if not path.is_file():

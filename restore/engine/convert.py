@@ -3,7 +3,7 @@
 Supported format:
 
 * ``bcm-ict`` — Mosasaur5526/BCM-iCT-torch (Li & He 2024, "Bidirectional Consistency Models"):
-  ``torch.save`` of a flat, un-prefixed fp32 ``state_dict`` of the ADM ``UNetModel`` (bcm.md §7),
+  ``torch.save`` of a flat, un-prefixed fp32 ``state_dict`` of the ADM ``UNetModel`` (docs/models.md#upstream-checkpoints),
   e.g. ``bcf_imagenet64_no32_qkv_4096/ema_0.99997_234000.pt`` (BCM) or the iCT ones. The architecture
   is read off the keys and shapes; BCM checkpoints (with ``time_embed_end.*``) become a "bcm" wrapper,
   iCT ones a "cm" wrapper. Loaded with ``torch.load(weights_only=True)``: nothing is unpickled.
@@ -23,7 +23,7 @@ from restore.engine.networks import UNet, UNetConfig
 
 FORMATS = ("bcm-ict",)
 
-# Noise-level constants of the official models (bcm.md §1.3).
+# Noise-level constants of the official models (docs/methods.md#bcm-parametrisation).
 _BCM_ICT_SIGMAS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5}
 
 
@@ -37,9 +37,9 @@ def infer_bcm_ict_config(sd: dict[str, torch.Tensor], *, img_resolution: int = 6
     """The `UNetConfig` of an official BCM/iCT state dict, read from its keys and shapes.
 
     Not recoverable from the weights, hence arguments: image resolution, head width, dropout rates
-    (defaults: the official ImageNet-64 values, bcm.md §1.1).
+    (defaults: the official ImageNet-64 values, docs/models.md#network).
     Levels L = 1 + number of output blocks holding an upsampler; the ``L (nrb + 1)`` input blocks give
-    num_res_blocks (bcm.md §1.1: 1 + L nrb + (L - 1) input blocks); widths from each level's first ResBlock.
+    num_res_blocks (docs/models.md#network: 1 + L nrb + (L - 1) input blocks); widths from each level's first ResBlock.
     """
     try:
         stem = sd["input_blocks.0.0.weight"]

@@ -2,13 +2,13 @@
 
 Everything is written in the variance-exploding (EDM) coordinates x_sigma = x_0 + sigma z, where the DDIM
 transfer between two noise levels is an explicit Euler step of the PF ODE dx/dsigma = (x - D(x; sigma))/sigma
-(Karras et al. 2022, Eq. 3; inversion.md §1):
+(Karras et al. 2022, Eq. 3; docs/methods.md#exact-inversion):
 
     T_{a->b}(x_a) = x0_hat + (sigma_b / sigma_a) (x_a - x0_hat),   x0_hat = D(x_a; sigma_a)     (`ddim_step`)
 
 It goes down (b < a, sampling) or up (b > a, inversion); `restore.engine.sampling.ddim_step` is the one
 implementation. The VP formulas of the papers map to this form with alpha = 1 and sigma = the EDM noise level
-(x_VP = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2); inversion.md §1); every deviation is listed per function.
+(x_VP = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2); docs/methods.md#exact-inversion); every deviation is listed per function.
 DDIM inversion defaults to the field's convention (diffusers, null-text inversion: the network is called on the
 current sample with the target level's label), which is not the T_{a->b} above; see `ddim_invert`.
 
@@ -23,7 +23,7 @@ k-diffusion-style free functions ``f(model, x, sigmas, ..., *, generator=None, c
 
 Exactness: BDIA and EDICT inversions are the algebraic inverses of their samplers, so the round trip
 ``*_sample(model, *_invert(model, x, s), s.flip(0))`` returns ``x`` up to rounding, amplified by 1/gamma (BDIA)
-or 1/p^2 (EDICT) per step (inversion.md §3.5a, §4.2). DDIM inversion is only first-order accurate.
+or 1/p^2 (EDICT) per step (docs/methods.md#exact-inversion). DDIM inversion is only first-order accurate.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, ca
 def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                 extra_args: dict | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021, Eq. 12
-    with eta = 0, in the ODE form of Eq. 13; inversion.md §2.1); equal to diffusers' ``DDIMScheduler`` with eta = 0
+    with eta = 0, in the ODE form of Eq. 13; docs/methods.md#ddim-inversion); equal to diffusers' ``DDIMScheduler`` with eta = 0
     on the matching levels (tests/test_ddim_diffusers.py) and to `restore.engine.sampling.sample_euler` (the same
     `ddim_step`). NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=True)
@@ -80,7 +80,7 @@ def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard",
     """DDIM inversion: the deterministic DDIM update (Song et al. 2021, Eq. 13, the Euler form of their ODE Eq. 14,
     run backwards to encode, §4.3) taken uphill along ascending ``sigmas``. ``x`` is the state at ``sigmas[0]``;
     returns the state at ``sigmas[-1]``. Not exact: the round trip through `ddim_sample` has an O(1/N) error
-    (inversion.md §2.1). NFE = len(sigmas) - 1. Two conventions for where the network is evaluated:
+    (docs/methods.md#ddim-inversion). NFE = len(sigmas) - 1. Two conventions for where the network is evaluated:
 
     ``"standard"`` (default): the field's DDIM inversion, that of diffusers' ``DDIMInverseScheduler`` (the loop
     ``eps = unet(x, t); x = step(eps, t, x)`` over ascending t) and of null-text inversion (Mokady et al. 2023,
@@ -96,7 +96,7 @@ def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard",
 
     ``"current-level"``: x0_hat = D(x; sigma) at the current state *and* level, i.e. the explicit Euler step of
     the PF ODE upwards (= `restore.engine.sampling.edm_ode_invert` with ``method="euler"``; the "aligned" label
-    convention (b) of inversion.md §2.1; the step BDIA's exact inversion starts with). ``sigmas`` must start > 0.
+    convention (b) of docs/methods.md#ddim-inversion; the step BDIA's exact inversion starts with). ``sigmas`` must start > 0.
 
     The callback gets ``x`` (the state at ``sigma``), ``sigma``, ``sigma_next`` and ``denoised``: the clean
     estimate the step moves from, x0_hat = x - sigma eps_hat (for "current-level" D(x; sigma) itself).
@@ -130,7 +130,7 @@ def _gammas(gamma: Gamma, n: int) -> list[float]:
 
 
 def obelm_gammas(sigmas) -> torch.Tensor:
-    """The per-level gamma that turns BDIA-DDIM into O-BELM (Wang et al. 2024, NeurIPS; inversion.md §3.5c):
+    """The per-level gamma that turns BDIA-DDIM into O-BELM (Wang et al. 2024, NeurIPS; docs/methods.md#o-belm-gamma):
     gamma_k = (h_fwd / h_back)^2, with h_fwd the step from sigma_k towards the data and h_back the step from
     the noisier neighbour to sigma_k (alpha ratio = 1 in VE form). It cancels BDIA's O(h^2) local error
     (local error O(h^3)). Aligned with ``sigmas`` in either order; end entries are 1 (unused).
@@ -148,13 +148,13 @@ def obelm_gammas(sigmas) -> torch.Tensor:
 def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, generator: Generator = None,
                 callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
     """BDIA-DDIM sampling (Zhang, Lewis & Kleijn 2024, "Exact diffusion inversion via bi-directional integration
-    approximation", ECCV; closed form of the official code, inversion.md §3.2), in VE form: with
+    approximation", ECCV; closed form of the official code, docs/methods.md#bdia), in VE form: with
     x0_hat = D(x_i; sigma_i) and the DDIM transfers T of `ddim_step`,
 
         x_{i+1} = gamma_i (x_{i-1} - T_{i->i-1}(x_i)) + T_{i->i+1}(x_i)      (indices follow descending sigmas)
 
     = gamma x_{i-1} + (1 - gamma) x_i + [(sigma_{i+1} - sigma_i) - gamma (sigma_{i-1} - sigma_i)] d_i
-    (inversion.md §3.8, "pure Euler"). gamma = 0 is DDIM, gamma = 1 the leapfrog form of arXiv v1; the current
+    (docs/methods.md#bdia, "pure Euler"). gamma = 0 is DDIM, gamma = 1 the leapfrog form of arXiv v1; the current
     official convention (gamma = 0 -> DDIM) is used. ``gamma``: scalar or one value per level (`obelm_gammas`
     gives O-BELM).
 
@@ -162,7 +162,7 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, ge
     ``(x at sigmas[0], x at sigmas[1])`` returned by `bdia_invert` (regeneration: BDIA steps only, §3.4 step 5).
     NFE = len(sigmas) - 1 from a tensor, len(sigmas) - 2 from a pair. Returns the state at ``sigmas[-1]``.
 
-    Stability (ours; inversion.md §3.5a neglects the denoiser's Jacobian): where D is locally constant (high
+    Stability (ours; docs/methods.md#bdia neglects the denoiser's Jacobian): where D is locally constant (high
     noise, memorising priors) a perturbation e obeys e_{i+1} = gamma (e_{i-1} - r e_i) + e_i / r on a grid of
     ratio r = sigma_{i-1}/sigma_i = sigma_i/sigma_{i+1}, with roots 1/r and -gamma r: gamma must stay below 1/r
     for perturbations (rounding, or data-consistency edits of the regeneration) to decay.
@@ -182,7 +182,7 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, ge
 
 def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator: Generator = None,
                 callback: Callback = None, extra_args: dict | None = None) -> Pair:
-    """Exact BDIA-DDIM inversion (Zhang et al. 2024; official editing code; inversion.md §3.4): solve the
+    """Exact BDIA-DDIM inversion (Zhang et al. 2024; official editing code; docs/methods.md#bdia): solve the
     `bdia_sample` step for the noisier state,
 
         x_{i+1} = (x_{i-1} - T_{i->i-1}(x_i)) / gamma_i + T_{i->i+1}(x_i)      (indices follow ascending sigmas)
@@ -228,7 +228,7 @@ def edict_sample(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
                  return_pair: bool = False, generator: Generator = None, callback: Callback = None,
                  extra_args: dict | None = None) -> torch.Tensor | Pair:
     """EDICT sampling (Wallace, Gokul & Naik 2023, "EDICT: exact diffusion inversion via coupled
-    transformations", CVPR; the update of the official edict_functions.py, inversion.md §4.1 -- paper
+    transformations", CVPR; the update of the official edict_functions.py, docs/methods.md#edict -- paper
     equation numbers not verified), VE form (a_i = 1, b_i = sigma_{i+1} - sigma_i,
     eps_hat = (z - D(z; sigma_i))/sigma_i). Per step i (sigma_i -> sigma_{i+1}):
 
@@ -256,7 +256,7 @@ def edict_sample(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfro
 
 def edict_invert(model, x: torch.Tensor | Pair, sigmas, p: float = 0.93, leapfrog: bool = True, *,
                  generator: Generator = None, callback: Callback = None, extra_args: dict | None = None) -> Pair:
-    """Exact EDICT inversion (Wallace et al. 2023; official code, inversion.md §4.1): the `edict_sample` step undone
+    """Exact EDICT inversion (Wallace et al. 2023; official code, docs/methods.md#edict): the `edict_sample` step undone
     in reverse order along ascending ``sigmas``,
 
         y' = (y - (1-p) x)/p;  x' = (x - (1-p) y')/p;  y <- y' - b eps(x'; sigma_hi);  x <- x' - b eps(y; sigma_hi)

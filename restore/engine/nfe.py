@@ -1,6 +1,6 @@
 """Measured NFE: every model wrapper counts the network evaluations it makes.
 
-DESIGN.md §3: tables report the *counted* number of function evaluations. A forward pass of the
+docs/design.md#conventions: tables report the *counted* number of function evaluations. A forward pass of the
 network is one NFE; a backward pass through a network output (DPS-style guidance) is counted
 separately, because it costs about as much as a forward pass.
 """

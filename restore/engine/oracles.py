@@ -1,4 +1,4 @@
-"""Weight-free oracle priors for tests (DESIGN.md §5).
+"""Weight-free oracle priors for tests (docs/design.md#tests-and-oracles).
 
 - `GaussianFlow`: data N(mu, s^2 I). The optimal denoiser and the PF-ODE flow map are closed-form:
   D(x; sigma) = mu + (x - mu) s^2/(s^2 + sigma^2) and x_u - mu = (x_t - mu) sqrt((s^2+u^2)/(s^2+t^2)).

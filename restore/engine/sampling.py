@@ -32,7 +32,7 @@ def sample_plan(model, x: torch.Tensor, plan: Sequence[Step], *, generator: Gene
                 callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
     """Execute a consistency-model plan (`restore.engine.schedules`): ``Jump(t, u)`` -> ``model.jump(x, t, u)``,
     ``Renoise(sigma, std)`` -> ``x + std z``. ``x`` is the state at ``plan[0].t``. This one executor covers
-    BCM one-step, ancestral, zigzag and mixed sampling (Li & He 2024, bcm.md §3), BCM inversion, and CM
+    BCM one-step, ancestral, zigzag and mixed sampling (Li & He 2024, docs/methods.md#bcm-sampling), BCM inversion, and CM
     multistep sampling (Song et al. 2023, Algorithm 1).
     """
     extra_args = extra_args or {}
@@ -51,7 +51,7 @@ def sample_plan(model, x: torch.Tensor, plan: Sequence[Step], *, generator: Gene
 
 def sample_onestep(model, x: torch.Tensor, sigma: float | None = None, *, generator: Generator = None,
                    callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
-    """One-step consistency sampling x_0 = f(x_T, T, sigma_min) (Song et al. 2023; bcm.md §3 NFE 1).
+    """One-step consistency sampling x_0 = f(x_T, T, sigma_min) (Song et al. 2023; docs/methods.md#bcm-sampling).
     ``sigma`` is the level of ``x`` (default ``model.sigma_max``)."""
     t = model.sigma_max if sigma is None else float(sigma)
     return sample_plan(model, x, (Jump(t, model.sigma_min),), callback=callback, extra_args=extra_args)
@@ -60,14 +60,14 @@ def sample_onestep(model, x: torch.Tensor, sigma: float | None = None, *, genera
 def sample_ancestral(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                      extra_args: dict | None = None) -> torch.Tensor:
     """BCM "ancestral" sampling: deterministic long jumps x_{i+1} = f(x_i, sigma_i, sigma_{i+1}) along
-    ``sigmas`` (bcm.md §3, e.g. (80, 2.4, 0.002)); no fresh noise."""
+    ``sigmas`` (docs/methods.md#bcm-sampling, e.g. (80, 2.4, 0.002)); no fresh noise."""
     return sample_plan(model, x, ancestral_plan(sigmas), callback=callback, extra_args=extra_args)
 
 
 def sample_zigzag(model, x: torch.Tensor, sigmas=(80.0, 0.002), amplify: Sequence[tuple[float, float]] = ((0.1, 1.2),),
                   *, generator: Generator = None, callback: Callback = None,
                   extra_args: dict | None = None) -> torch.Tensor:
-    """BCM zigzag sampling (bcm.md §3): ancestral pass along ``sigmas``, then per ``(noise, t_up)``: add
+    """BCM zigzag sampling (docs/methods.md#bcm-sampling): ancestral pass along ``sigmas``, then per ``(noise, t_up)``: add
     N(0, noise^2), jump up noise -> t_up ("noise amplification"), jump down. Defaults = the paper's NFE 3."""
     return sample_plan(model, x, zigzag_plan(sigmas, amplify), generator=generator, callback=callback,
                        extra_args=extra_args)

@@ -10,7 +10,7 @@ A *plan* is a tuple of steps executed by `restore.engine.sampling.sample_plan`:
 - ``Renoise(sigma, std)``: add ``std * z`` to the state (std defaults to sigma) and from then on treat
   it as the point at noise level ``sigma``.
 
-So any sigma list is accepted, and the BCM paper schedules (bcm.md §3) are plain data.
+So any sigma list is accepted, and the BCM paper schedules (docs/methods.md#bcm-sampling) are plain data.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _levels(sigmas) -> list[float]:
 
 def ancestral_plan(sigmas) -> Plan:
     """Deterministic long jumps x_{i+1} = f(x_i, sigma_i, sigma_{i+1}) along ``sigmas`` (BCM "ancestral"
-    sampling, bcm.md §3; CTM with gamma = 0). Ascending ``sigmas`` give a multi-step inversion.
+    sampling, docs/methods.md#bcm-sampling; CTM with gamma = 0). Ascending ``sigmas`` give a multi-step inversion.
     """
     s = _levels(sigmas)
     if len(s) < 2:
@@ -101,7 +101,7 @@ def ancestral_plan(sigmas) -> Plan:
 
 
 def zigzag_plan(sigmas, amplify: Sequence[tuple[float, float]] = ()) -> Plan:
-    """BCM zigzag sampling (bcm.md §3): an ancestral pass along ``sigmas`` (ending at the output level),
+    """BCM zigzag sampling (docs/methods.md#bcm-sampling): an ancestral pass along ``sigmas`` (ending at the output level),
     then for each ``(noise, t_up)`` in ``amplify``: add N(0, noise^2), treat the result as the point at
     t = noise, jump *up* to t_up ("noise amplification") and jump back down to ``sigmas[-1]``.
 
@@ -132,7 +132,7 @@ def cm_multistep_plan(sigmas, sigma_min: float = 0.002) -> Plan:
     return check_plan(steps)
 
 
-# bcm.md §3 (official ImageNet-64 BCM sampling script): per NFE, the intermediate levels of the
+# docs/methods.md#bcm-sampling (official ImageNet-64 BCM sampling script): per NFE, the intermediate levels of the
 # deterministic ancestral pass and the (noise, t_up) zigzag pairs.
 BCM_PAPER_SCHEDULES: dict[int, tuple[tuple[float, ...], tuple[tuple[float, float], ...]]] = {
     1: ((), ()),  # one-step 80 -> 0.002
@@ -143,7 +143,7 @@ BCM_PAPER_SCHEDULES: dict[int, tuple[tuple[float, ...], tuple[tuple[float, float
 
 
 def bcm_paper_plan(nfe: int, sigma_max: float = 80.0, sigma_min: float = 0.002) -> Plan:
-    """The BCM paper's sampling chain for ``nfe`` in 1..4 (bcm.md §3 table)."""
+    """The BCM paper's sampling chain for ``nfe`` in 1..4 (docs/methods.md#bcm-sampling)."""
     if nfe not in BCM_PAPER_SCHEDULES:
         raise ValueError(f"the BCM paper defines NFE {sorted(BCM_PAPER_SCHEDULES)}, got {nfe}")
     mid, amplify = BCM_PAPER_SCHEDULES[nfe]

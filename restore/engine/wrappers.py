@@ -5,7 +5,7 @@ Every wrapper is an ``nn.Module`` holding ``.net``, the constants ``sigma_min``,
 ``sigma_data``, and ``.counter`` (`restore.engine.nfe.NFECounter`), incremented on every network call.
 The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, cond=None)`` whose
 noise labels are already transformed: the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
-label ``1000 * 0.25 * ln(sigma)``, bcm.md §1.2); ``noise_u`` is passed only by `BCM`.
+label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); ``noise_u`` is passed only by `BCM`.
 
 Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
 Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
@@ -66,7 +66,7 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def noise_label(sigma: torch.Tensor) -> torch.Tensor:
-    """Network noise label ``c_noise = 250 ln(sigma)`` (ADM/CM time embedding input, bcm.md §1.2)."""
+    """Network noise label ``c_noise = 250 ln(sigma)`` (ADM/CM time embedding input, docs/methods.md#bcm-parametrisation)."""
     return 250.0 * torch.log(sigma)
 
 
@@ -96,7 +96,7 @@ def cm_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA, sigma_min: floa
 
 
 def bcm_scalings(t: torch.Tensor, u: torch.Tensor, sigma_data: float = SIGMA_DATA):
-    """BCM scalings (Li & He 2024, official `get_scalings_for_bcm`; bcm.md §1.3): ``(c_skip, c_out, c_in)``
+    """BCM scalings (Li & He 2024, official `get_scalings_for_bcm`; docs/methods.md#bcm-parametrisation): ``(c_skip, c_out, c_in)``
     with c_skip = (t*u+sd^2)/(t^2+sd^2), c_out = (t-u)*sd/sqrt(t^2+sd^2), c_in = 1/sqrt(t^2+sd^2).
 
     One formula for u < t and u > t; at u = t the numerator and denominator of c_skip are the same
@@ -210,7 +210,7 @@ class ConsistencyModel(_PreconditionedModel):
 
 class BCM(_PreconditionedModel):
     """Bidirectional consistency model f(x_t, t, u) = c_skip(t,u) x_t + c_out(t,u) F(c_in(t) x_t, 250 ln t,
-    250 ln u) (Li & He 2024; bcm.md §1.3). ``model.jump(x, t, u)`` moves along the PF ODE from noise level t
+    250 ln u) (Li & He 2024; docs/methods.md#bcm-parametrisation). ``model.jump(x, t, u)`` moves along the PF ODE from noise level t
     to u, down (u < t, generation) or up (u > t, inversion); ``model(x, sigma)`` = jump to sigma_min.
     """
 

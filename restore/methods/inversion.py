@@ -1,10 +1,10 @@
 """Zero-shot restoration by exact diffusion inversion on an EDM prior: the exact-inversion counterpart of BCM's
-"invert to an intermediate noise level, regenerate" restoration (bcm.md §5.3; restoration.md §5.6).
+"invert to an intermediate noise level, regenerate" restoration (docs/methods.md#bcm-restoration).
 
 Pipeline of `restore_bdia_restore` (registered as ``bdia-restore``):
 
 1. start: x = A^+(y) (linear operators; y itself otherwise, e.g. the decoded JPEG), plus ``noise`` z, taken as
-   the PF-ODE state at ``sigma_in`` -- BCM's small-noise trick (bcm.md §4: noise = t = 0.07);
+   the PF-ODE state at ``sigma_in`` -- BCM's small-noise trick (docs/methods.md#bcm-inversion: noise = t = 0.07);
 2. invert along a Karras grid (rho = 7) sigma_in -> sigma_s with ``method``: "bdia" (BDIA-DDIM, exact,
    returns a pair), "edict" (exact, pair) or "ddim" (approximate; the field's standard DDIM inversion, that of
    diffusers and null-text inversion, `restore.engine.exact_inversion.ddim_invert`'s default);
@@ -76,7 +76,7 @@ def restore_bdia_restore(model, y: torch.Tensor, op, *, nfe: int, generator: Gen
     prior) BDIA's perturbations follow the roots sigma_{i+1}/sigma_i (physical) and -gamma r (parasitic) on a grid
     of ratio r = sigma_i/sigma_{i+1}, so a constant gamma near 1 amplifies them by up to r per step on a Karras
     grid, while O-BELM's gamma_i ~ 1/r^2 damps them (tests/test_exact_inversion.py; this refines
-    inversion.md §3.5a, which neglects the denoiser's Jacobian); ``p`` EDICT mixing; ``dc`` in step|end|none.
+    docs/methods.md#bdia, which neglects the denoiser's Jacobian); ``p`` EDICT mixing; ``dc`` in step|end|none.
     ``callback`` is passed to every phase (inversion, regeneration, final step); ``i`` restarts in each.
     """
     if dc not in DC_MODES:

@@ -1,12 +1,12 @@
 """Network-free reference rows for every results table: the degraded input, its pseudo-inverse and
-bicubic upsampling (model="none", 0 NFE; restoration.md §6.3 "sanity anchors").
+bicubic upsampling (model="none", 0 NFE; docs/methods.md#plain-references "sanity anchors").
 
 - ``identity``: the degraded input itself, shown at the clean image's size. For operators that keep
   the size (JPEG: the decoded image; box: the zero-filled image) that is ``y``; for ``down`` it is
   nearest-neighbour upsampling, i.e. every low-resolution pixel repeated as a K x K block (what an
   image viewer shows; for ``kernel=avg`` it equals the pseudo-inverse).
 - ``pinv``: ``op.pinv(y)``, the minimum-norm consistent image of linear operators (for JPEG the decoded
-  image, restoration.md §9.1): ``op(pinv(y)) = y`` up to rounding for ``box`` / ``down``.
+  image, docs/design.md#operators): ``op(pinv(y)) = y`` up to rounding for ``box`` / ``down``.
 - ``bicubic`` (``down`` only): ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False,
   antialias=False)`` (Keys a = -0.75, PyTorch's default) — the classic SR baseline, independent of
   the kernel that downsampled.

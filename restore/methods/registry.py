@@ -1,4 +1,4 @@
-"""The registry of restoration methods shared by `restore run`, Python users and the benchmark (DESIGN.md §4.3).
+"""The registry of restoration methods shared by `restore run`, Python users and the benchmark (docs/design.md#the-method-contract).
 
 A method is one function ``restore_<name>(model, y, op, *, nfe, generator=None, callback=None, **hparams)
 -> x_hat`` (images in [-1, 1]) registered with :func:`register_method`, which records what the CLI and
@@ -7,7 +7,7 @@ task), which operators it supports, which model wrapper it needs and its default
 
 Methods outside ``restore`` (the baselines, third-party packages) register the same way and are found
 through the entry-point group ``bcm_restore.methods``: every module listed there is imported the first
-time the registry is read, so ``restore`` never imports ``baselines`` (DESIGN.md §2).
+time the registry is read, so ``restore`` never imports ``baselines`` (docs/design.md#layers).
 """
 
 from __future__ import annotations

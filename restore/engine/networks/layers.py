@@ -1,6 +1,6 @@
 """Building blocks of the ADM UNet (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image
 Synthesis", openai/guided-diffusion `unet.py`) in the variant used by BCM (Li & He 2024, arXiv
-2403.18035; official `BCM/cm/unet_bcf.py`, spec: shared/reference/bcm.md §1).
+2403.18035; official `BCM/cm/unet_bcf.py`, spec: docs/models.md#network).
 
 Submodule names and `nn.Sequential` positions follow the official code exactly (``in_layers.0``,
 ``emb_layers.1``, ``out_layers.3``, ``qkv``, ``proj_out``, ...) so official state dicts load strictly.
@@ -18,7 +18,7 @@ from torch import nn
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """ADM sinusoidal embedding of (B,) noise labels: [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half).
 
-    bcm.md §1.2 step 2 (cos first; the caller passes 250 ln sigma). Computed in fp32.
+    docs/models.md#network (cos first; the caller passes 250 ln sigma). Computed in fp32.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -48,7 +48,7 @@ class SyncDropout(nn.Module):
     """Dropout whose masks can be replayed: with a seed set, masks come from a private generator.
 
     BCM/iCT compare two forward passes (online network and stop-gradient target) that must see the
-    same dropout masks; the official code re-seeds the global RNG for that (bcm.md §8). Here each
+    same dropout masks; the official code re-seeds the global RNG for that (docs/methods.md#bct). Here each
     layer owns an index inside its network; `UNet.dropout_seed(seed)` sets ``seed`` to a value derived
     from (seed, index) and every pass draws its mask from ``torch.Generator().manual_seed(seed)``, so
     the global RNG is never touched. Without a seed it behaves like ``nn.Dropout``.
@@ -114,7 +114,7 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over positions with BCM's QKV normalisation (bcm.md §1.1 "Attention").
+    """Multi-head self-attention over positions with BCM's QKV normalisation (docs/models.md#network).
 
     qkv is a 1x1 conv whose 3C output channels are ordered [q | k | v] x heads x head_dim ("three"
     outermost, einops ``b (three h d) s``). With ``qkv_norm`` each of q, k and v is rescaled per head

@@ -3,8 +3,8 @@
 Architecture: Dhariwal & Nichol 2021 (ADM) as modified for consistency models by Li & He 2024,
 "Bidirectional Consistency Models" (arXiv 2403.18035; official `BCM/cm/unet_bcf.py`): no scale-shift
 norm, residual up/down-sampling, QKV-normalised attention, extra low-resolution dropout, and for the
-bidirectional network a second time embedding for the target noise level u (spec: bcm.md §1.1-§1.2).
-Parameter names match the official checkpoints (bcm.md §7), so they load with ``strict=True``.
+bidirectional network a second time embedding for the target noise level u (spec: docs/models.md#network).
+Parameter names match the official checkpoints (docs/models.md#upstream-checkpoints), so they load with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from restore.engine.networks.layers import (
     zero_module,
 )
 
-LOWRES_MAX = 16  # official "dropout_highres" applies at 16x16, 8x8 and the middle block (bcm.md §1.1)
+LOWRES_MAX = 16  # official "dropout_highres" applies at 16x16, 8x8 and the middle block (docs/models.md#network)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +128,7 @@ _IMAGENET64 = UNetConfig(
 )
 
 PRESETS: dict[str, UNetConfig] = {
-    # Official BCM ImageNet-64 network (bcm.md §1.1): 279,941,571 parameters.
+    # Official BCM ImageNet-64 network (docs/models.md#network): 279,941,571 parameters.
     "imagenet64-bcm": dataclasses.replace(_IMAGENET64, bidirectional=True),
     # The authors' reproduced iCT network: same UNet without the u embedding.
     "imagenet64-ict": _IMAGENET64,
@@ -147,11 +147,11 @@ PRESETS: dict[str, UNetConfig] = {
 
 
 class UNet(nn.Module):
-    """ADM UNet F(x, noise_t[, noise_u], class_labels, cond) (bcm.md §1; official ``UNetModel``).
+    """ADM UNet F(x, noise_t[, noise_u], class_labels, cond) (docs/models.md#network; official ``UNetModel``).
 
     ``noise_t`` / ``noise_u`` are (B,) (or scalar) noise labels already transformed by the caller
     (the wrappers pass 250 ln sigma). The time embedding is MLP(sinusoid(noise_t)); bidirectional nets
-    mix it with MLP'(sinusoid(noise_u)) through the bias-free ``time_embed_align`` (bcm.md §1.2), and
+    mix it with MLP'(sinusoid(noise_u)) through the bias-free ``time_embed_align`` (docs/methods.md#bcm-parametrisation), and
     class-conditional nets add ``label_emb``. The embedding enters every ResBlock additively.
     """
 
@@ -215,7 +215,7 @@ class UNet(nn.Module):
     def dropout_seed(self, seed: int) -> Iterator[None]:
         """Within the block, every forward pass draws the same dropout masks (per layer, from (seed, layer index)).
 
-        Replaces the official code's re-seeding of the global RNG (bcm.md §8): the online and
+        Replaces the official code's re-seeding of the global RNG (docs/methods.md#bct): the online and
         stop-gradient passes of consistency training share masks; the global RNG is not touched.
         """
         previous = [m.seed for m in self._dropouts]
