@@ -297,18 +297,17 @@ def _degraded_dir(ctx: _Context, spec: str, seed: int) -> Path:
     return ctx.out / "degraded" / f"{slug(spec)}-seed{seed}-{h[:8]}"
 
 
-def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.Tensor) -> torch.Tensor:
-    """The measurements of a batch: from the cache, else made once and cached. Leaves ``op`` in the state
-    (e.g. random boxes) that produced them."""
+def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.Tensor):
+    """``(op, y)``: the operator drawn for the batch (random boxes) and its measurements, from the cache,
+    else made once and cached."""
     from restore.app.io import atomic_write, output_path, write_png
 
     folder = _degraded_dir(ctx, spec, seed)
     paths = [output_path(folder, i, ".npy") for i in ids]
     gens = make_generators(seed, ids)
+    op = op.draw(x.shape, gens, device=x.device)  # the boxes come first from the generators, then the noise
     if all(p.is_file() for p in paths):
-        if hasattr(op, "sample_mask"):  # redraw the per-image boxes exactly as measure() drew them
-            op.sample_mask(x.shape, gens, device=x.device)
-        return torch.from_numpy(np.stack([np.load(p, allow_pickle=False) for p in paths])).to(ctx.device)
+        return op, torch.from_numpy(np.stack([np.load(p, allow_pickle=False) for p in paths])).to(ctx.device)
     with torch.no_grad():  # not inference_mode: gradient-based methods take y into autograd
         y = op.measure(x, gens)
     for p, yi in zip(paths, y.cpu().numpy()):
@@ -317,7 +316,7 @@ def _measure(ctx: _Context, op, spec: str, seed: int, ids: list[str], x: torch.T
         if i in ctx.grid_ids:
             write_png(_display(y[k:k + 1], x.shape), output_path(folder, i))
             write_png(x[k:k + 1], output_path(ctx.out / "reference", i))
-    return y
+    return op, y
 
 
 def _display(y: torch.Tensor, shape) -> torch.Tensor:
@@ -429,11 +428,11 @@ def _run_cells(ctx: _Context, cells: list[Cell], indices: list[int], bar) -> Non
             for batch, rescore in batches:
                 ids, x = ctx.dataset.get_batch(batch)
                 x = x.to(ctx.device)
-                y = _measure(ctx, op, cell.operator, cell.seed, ids, x)
+                batch_op, y = _measure(ctx, op, cell.operator, cell.seed, ids, x)
                 if rescore:
-                    _rescore(ctx, cell, op, ids, x, y, set().union(*(status[i] for i in batch)))
+                    _rescore(ctx, cell, batch_op, ids, x, y, set().union(*(status[i] for i in batch)))
                 else:
-                    _run_batch(ctx, cell, method, op, ids, x, y)
+                    _run_batch(ctx, cell, method, batch_op, ids, x, y)
                 bar.advance(len(ids))
         except Exception as e:  # one broken cell must not stop the others; reported at the end
             ctx.failures.append(f"{cell.describe()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

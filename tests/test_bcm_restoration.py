@@ -165,9 +165,9 @@ def test_restores_images_in_the_prior_support(images, empirical, name, nfe):
                                         ("bcm-sr", "down:factor=2,kernel=bicubic"),
                                         ("bcm-sr", "down:factor=4,kernel=avg")])
 def test_linear_non_blind_methods_reproduce_the_measurement(images, empirical, name, spec):
-    op = build_operator(spec)
     x = images[:8]
-    y = op.measure(x, _gens(8, seed=5))  # randbox draws its boxes here
+    op = build_operator(spec).draw(x.shape, _gens(8, seed=5))  # randbox draws its boxes here
+    y = op.measure(x, _gens(8, seed=5))
     out = get_method(name)(empirical, y, op, nfe=3, generator=_gens(8))
     torch.testing.assert_close(op(out), y, rtol=0, atol=1e-5)
 
