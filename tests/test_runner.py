@@ -256,8 +256,8 @@ def test_one_writer_per_journal(tmp_path):
 @pytest.mark.parametrize("content, kept", [(b"a\nb\nc", b"a\nb\n"), (b"abc", b""), (b"a\n", b"a\n"),
                                            (b"x\n" + b"y" * (2 << 20), b"x\n")])  # torn line longer than the 1 MiB tail
 def test_torn_journal_tail_is_cut(tmp_path, content, kept):
-    from benchmarks.runner import _repair_tail
+    from benchmarks.runner import repair_tail
 
     (tmp_path / "j.jsonl").write_bytes(content)
-    _repair_tail(tmp_path / "j.jsonl")
+    repair_tail(tmp_path / "j.jsonl")
     assert (tmp_path / "j.jsonl").read_bytes() == kept
