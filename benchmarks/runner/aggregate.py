@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from benchmarks.runner.journal import COLUMNS, BatchResult, Finished, Journal, commit_set, read_journals
 from benchmarks.runner.plan import Cell, Plan, set_key
+from benchmarks.runner.progress import ProgressBar
 from benchmarks.suites import Suite
 
 
@@ -49,7 +50,7 @@ def reference_key(suite: Suite, device: torch.device) -> str:
 
 
 def set_metrics(plan: Plan, out: Path, device: torch.device, journal: Journal, finished: Finished,
-                progress) -> list[str]:
+                progress: ProgressBar) -> list[str]:
     """FID / KID per cell from the saved PNGs of every image of the plan, journaled as they finish.
 
     ``finished`` must cover every shard's work. Cells that already have the metrics on this image set

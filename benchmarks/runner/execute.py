@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.markup import escape
@@ -28,6 +29,7 @@ from benchmarks.runner.aggregate import image_metrics
 from benchmarks.runner.journal import BatchResult, Finished, Journal, commit_images
 from benchmarks.runner.measure import Measured, MeasurementCache
 from benchmarks.runner.plan import Cell, Plan
+from benchmarks.runner.progress import ProgressBar
 from operators import build_operator
 from operators.utils import make_generators
 
@@ -68,7 +70,7 @@ def load_model(ref: str | None, device: torch.device) -> tuple[torch.nn.Module |
 
 
 def restore_batch(cell: Cell, method, model, params: int, ids: list[str], x: torch.Tensor, measured: Measured,
-                  generators: list[torch.Generator], out, metrics) -> tuple[BatchResult, float]:
+                  generators: list[torch.Generator], out: Path, metrics) -> tuple[BatchResult, float]:
     """Run the cell's method on one batch, save the restorations and score them; returns the result and the
     method's wall time for the whole batch."""
     from restore.app.io import output_path, write_png
@@ -96,7 +98,7 @@ def restore_batch(cell: Cell, method, model, params: int, ids: list[str], x: tor
     return BatchResult(cell, ids, values, {i: per_image for i in ids}, {i: counted for i in ids}, params), elapsed
 
 
-def rescore_batch(cell: Cell, ids: list[str], x: torch.Tensor, measured: Measured, out, metrics,
+def rescore_batch(cell: Cell, ids: list[str], x: torch.Tensor, measured: Measured, out: Path, metrics,
                   finished: Finished) -> BatchResult:
     """Metrics added to a suite after the method ran, computed from the saved restorations (seconds and
     counted NFE carried over from the run that made them)."""
@@ -117,7 +119,8 @@ def _batches(dataset, indices: list[int], batch_size: int) -> list[list[int]]:
     return [[indices[j] for j in g] for g in groups]
 
 
-def run_cells(plan: Plan, out, device: torch.device, journal: Journal, finished: Finished, progress) -> Execution:
+def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, finished: Finished,
+              progress: ProgressBar) -> Execution:
     """Run every cell of ``plan`` on this shard's images (see the module docstring)."""
     from restore.app.io import output_path
     from restore.methods import get_method

@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.runner.plan import slug
 from benchmarks.suites import config_hash
+from operators import Operator
 
 
 def degraded_dir(out: Path, dataset: str, spec: str, seed: int) -> Path:
@@ -41,7 +42,7 @@ def display(y: torch.Tensor, shape) -> torch.Tensor:
 class Measured:
     """A batch's measurements and the operator that made them (the one to restore and score with)."""
 
-    op: object
+    op: Operator
     y: torch.Tensor
 
 
@@ -56,7 +57,7 @@ class MeasurementCache:
     def folder(self, spec: str, seed: int) -> Path:
         return degraded_dir(self.out, self.dataset, spec, seed)
 
-    def measure(self, family, spec: str, seed: int, ids: list[str], x: torch.Tensor, generators) -> Measured:
+    def measure(self, family: Operator, spec: str, seed: int, ids: list[str], x: torch.Tensor, generators) -> Measured:
         """The measurements of images ``x`` (ids ``ids``): read from the cache, else made and cached."""
         from restore.app.io import atomic_write, output_path, write_png
 
