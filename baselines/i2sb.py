@@ -219,9 +219,9 @@ def restore_i2sb(model, y: torch.Tensor, op, *, nfe: int, generator: Generator =
     """I2SB (Liu et al. 2023): Schrödinger bridge from the degraded image, trained for this operator.
 
     Starts at X_1 = A^+ y (inpainting: hole filled with noise), ``nfe`` DDPM-bridge posterior steps (OT-ODE if the
-    model was trained so); ``clip_denoise`` clamps x0_hat. Not blind: uses ``op.pinv`` and ``op.mask``.
+    model was trained so); ``clip_denoise`` clamps x0_hat. Not blind: uses ``op.pinv`` and ``op.mask_for``.
     """
     check_operator(model, op)
     x1 = degraded_image(op, y, generator)
-    return i2sb_sample(model, x1, nfe, mask=getattr(op, "mask", None), ot_ode=model.ot_ode,
+    return i2sb_sample(model, x1, nfe, mask=op.mask_for(x1) if hasattr(op, "mask_for") else None, ot_ode=model.ot_ode,
                        clip_denoise=clip_denoise, generator=generator, callback=callback)

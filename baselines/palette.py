@@ -48,13 +48,12 @@ PALETTE_OPERATORS = ("jpeg", "box", "randbox", "down")
 
 def degraded_image(op, y: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     """The measurement ``y`` as a clean-sized image: ``op.pinv(y)`` (JPEG: the decoded image itself), with the hole
-    of masking operators (``op.mask``, True = observed) filled with N(0, I) noise drawn from ``generator``."""
+    of masking operators (``op.mask_for``, True = observed) filled with N(0, I) noise drawn from ``generator``."""
     image = op.pinv(y)
-    mask = getattr(op, "mask", None)
-    if mask is None:
+    if not hasattr(op, "mask_for"):
         return image
     noise = randn(image.shape, generator, device=image.device, dtype=image.dtype)
-    return torch.where(mask.to(image.device), image, noise)
+    return torch.where(op.mask_for(image), image, noise)
 
 
 class Palette(EDMDenoiser):
@@ -104,7 +103,7 @@ def restore_palette(model, y: torch.Tensor, op, *, nfe: int, generator: Generato
     """Palette (Saharia et al. 2022): conditional diffusion trained for this operator, DDPM ancestral sampling.
 
     ``eta``: 1 = ancestral DDPM steps (the paper), 0 = deterministic DDIM / Euler steps. NFE = ``nfe``.
-    Not blind: the condition is ``op.pinv(y)`` (and ``op.mask`` for inpainting); ``op`` must be the trained one.
+    Not blind: the condition is ``op.pinv(y)`` (and ``op.mask_for`` for inpainting); ``op`` must be the trained one.
     """
     check_operator(model, op)
     return palette_sample(model, degraded_image(op, y, generator), nfe, eta=eta, generator=generator,

@@ -225,11 +225,11 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     import pandas as pd
     import torch
 
-    from restore.datasets import build_dataset
     from benchmarks.generation import evaluate_generation, evaluate_inversion, image_grid
     from operators.utils import from_uint8
-    from restore.engine.checkpoints import load_model
     from restore.app.io import write_png
+    from restore.datasets import build_dataset
+    from restore.engine.checkpoints import load_model
     from restore.runtime.files import write_csv_atomic
 
     try:

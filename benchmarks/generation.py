@@ -27,9 +27,9 @@ import torch
 
 from operators.utils import make_generators, randn, to_uint8
 from restore.engine.bcm_inversion import bcm_reconstruct, inversion_mse
-from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 
 INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}

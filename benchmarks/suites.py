@@ -38,11 +38,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from benchmarks.metrics import METRICS
 from operators import build_operator

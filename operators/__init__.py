@@ -13,9 +13,9 @@ from operators.masks import Box, RandBox
 from operators.registry import build_operator, list_operators, parse_spec, register_operator
 
 __all__ = [
+    "JPEG",
     "Box",
     "Downsample",
-    "JPEG",
     "Operator",
     "Param",
     "RandBox",

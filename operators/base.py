@@ -5,12 +5,18 @@ An operator is a plain object (no ``nn.Module``: it has no learnable state) buil
 float64, and returns tensors of the input's device and dtype:
 
 * ``op(x)`` the clean forward map ``A(x)``; ``op.linear`` says whether ``A`` is linear;
+* ``op.draw(shape, generator)`` the operator that measures a batch of ``shape``: ``op`` itself, except
+  for operators with a random structure (``randbox``), which draw it from ``generator`` and return a new
+  operator holding it; measure with the drawn operator and restore with it;
 * ``op.measure(x, generator)`` ``A(x)`` plus the configured Gaussian measurement noise
   (``noise=SIGMA``, in [-1, 1] units, drawn with :func:`operators.utils.randn`);
 * ``op.project(x, y)`` hard data consistency: the image closest to ``x`` that ``A`` maps to ``y``;
 * linear operators add ``op.adjoint(y)`` (the true adjoint) and ``op.pinv(y)`` (``A A^+ = I``);
 * ``op.output_shape(shape)``, ``op.name``, ``op.params`` (resolved parameters) and ``op.spec``
   (canonical spec string; ``build_operator(op.spec)`` rebuilds an equal operator).
+
+Operators do not change after construction: whatever is random about them is drawn into a new
+operator by ``draw``, never kept in the one that drew it.
 """
 
 from __future__ import annotations
@@ -169,6 +175,11 @@ class Operator:
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """Shape of ``op(x)`` for ``x`` of ``input_shape``."""
         return tuple(input_shape)
+
+    def draw(self, shape: Sequence[int], generator: Generator = None, device=None) -> Operator:
+        """The operator that measures images of ``shape`` (B, C, H, W): ``self`` unless the operator has a
+        random structure, which is then drawn from ``generator`` (one or one per image) before any noise."""
+        return self
 
     def measure(self, x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         """``A(x) + noise * z``, ``z ~ N(0, I)`` drawn per image from ``generator`` (no draw when noise = 0)."""

@@ -103,11 +103,11 @@ def consistency_psnr(x_hat: torch.Tensor, y: torch.Tensor, op, *, cap: float | N
       measurement pipeline does) and ``A = op`` is the same operator that produced ``y``;
     * both sides are compared in [0, 1] units (MAX = 1) in float64; ``y`` is used exactly as given:
       pass the measurement the restorer saw (if it was stored as 8-bit PNG, the stored values);
-    * Omega = the observed measurement entries: if ``op`` has a boolean ``mask`` (True = observed,
-      broadcastable to ``y``, e.g. ``(B, 1, H, W)`` for box inpainting) only those entries count, so
-      the hole and its fill value stay out of the metric; otherwise all entries of ``y`` — for
-      downsampling ``y`` is the low-resolution image (LR space), for JPEG ``op`` is the real codec
-      (decoded image space).
+    * Omega = the observed measurement entries: if ``op`` has ``mask_for`` (``op.mask_for(y)``: a
+      boolean mask, True = observed, broadcastable to ``y``, e.g. ``(B, 1, H, W)`` for box
+      inpainting) only those entries count, so the hole and its fill value stay out of the metric;
+      otherwise all entries of ``y`` — for downsampling ``y`` is the low-resolution image (LR space),
+      for JPEG ``op`` is the real codec (decoded image space).
 
     Ground truth without measurement noise scores ``cap`` (100 dB by default; ``cap=None`` -> inf).
     An image with no observed entry scores NaN. Returns float64 ``(B,)``.
@@ -116,12 +116,12 @@ def consistency_psnr(x_hat: torch.Tensor, y: torch.Tensor, op, *, cap: float | N
     if ay.shape != y.shape:
         raise ValueError(f"op(x_hat) has shape {tuple(ay.shape)} but y has {tuple(y.shape)}")
     err = (to_unit(ay.double()) - to_unit(y.to(ay.device).double())).square()
-    mask = getattr(op, "mask", None)
-    if mask is None:
+    if not hasattr(op, "mask_for"):
         mse = err.flatten(1).mean(dim=1)
     else:
+        mask = op.mask_for(y)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"op.mask must be a bool tensor (True = observed), got {type(mask).__name__}")
+            raise TypeError(f"op.mask_for must return a bool tensor (True = observed), got {type(mask).__name__}")
         m = torch.broadcast_to(mask.to(err.device), err.shape).double()
         mse = (err * m).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1)  # 0/0 -> NaN: nothing observed
     return _psnr_from_mse(mse, cap)

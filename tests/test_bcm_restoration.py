@@ -131,9 +131,10 @@ def test_methods_are_the_paper_loop_bit_for_bit(name, spec, hparams, nfe):
     """Pinned regression: every method equals (torch.equal) the literal loop above with its start image and
     consistency step, on the Gaussian oracle BCM and seeded random images, at exactly ``nfe`` counted NFE."""
     model = oracle_bcm(torch.rand((3, 32, 32), generator=torch.Generator().manual_seed(1)) - 0.5, 0.4)
-    op = build_operator(spec)
     x = torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    y = op.measure(x, _gens(4, seed=7))
+    gens = _gens(4, seed=7)
+    op = build_operator(spec).draw(x.shape, gens)  # randbox draws its boxes here
+    y = op.measure(x, gens)
     hp = dict(hparams)
     if hp.get("sigmas") == "1.5/k":
         hp["sigmas"] = [1.5 / k for k in range(1, (nfe + 3) // 2)]
@@ -235,9 +236,9 @@ def test_restores_images_in_the_prior_support(images, empirical, name, nfe):
                                         ("bcm-sr", "down:factor=2,kernel=bicubic"),
                                         ("bcm-sr", "down:factor=4,kernel=avg")])
 def test_linear_non_blind_methods_reproduce_the_measurement(images, empirical, name, spec):
-    op = build_operator(spec)
     x = images[:8]
-    y = op.measure(x, _gens(8, seed=5))  # randbox draws its boxes here
+    op = build_operator(spec).draw(x.shape, _gens(8, seed=5))  # randbox draws its boxes here
+    y = op.measure(x, _gens(8, seed=5))
     out = get_method(name)(empirical, y, op, nfe=3, generator=_gens(8))
     torch.testing.assert_close(op(out), y, rtol=0, atol=1e-5)
 

@@ -22,6 +22,9 @@ class MaskOp:
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
 
+    def mask_for(self, x):
+        return self.mask
+
     def __call__(self, x):
         return torch.where(self.mask.bool(), x, torch.ones_like(x))
 

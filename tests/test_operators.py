@@ -26,16 +26,20 @@ BASE_SPECS = [
 SPECS = BASE_SPECS + [s + ",noise=0.05" for s in BASE_SPECS]
 LINEAR_SPECS = [s for s in SPECS if build_operator(s).linear]
 NOISY_OR_RANDOM = [s for s in SPECS if "noise" in s or s.startswith("randbox")]
+PINNED_BOXES = [[16, 6], [9, 7], [6, 21], [14, 18]]  # randbox:size=8 on 4 x 32x32 from manual_seed(5)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
 
 
 def _ready(spec: str, x: torch.Tensor, seed: int = 0) -> Operator:
-    """The operator of ``spec``, with randbox's boxes drawn for ``x``."""
-    op = build_operator(spec)
-    if isinstance(op, RandBox):
-        op.sample_mask(x.shape, torch.Generator().manual_seed(seed), device=x.device)
-    return op
+    """The operator of ``spec`` drawn for ``x`` (randbox: with its boxes)."""
+    return build_operator(spec).draw(x.shape, torch.Generator().manual_seed(seed), device=x.device)
+
+
+def _measure(op: Operator, x: torch.Tensor, generator) -> tuple[Operator, torch.Tensor]:
+    """Draw the batch's operator and measure with the same generator(s), as every caller does."""
+    op = op.draw(x.shape, generator, device=x.device)
+    return op, op.measure(x, generator)
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -165,9 +169,9 @@ def test_jpeg_project_is_consistent_and_idempotent(spec, cifar_test, rng):
 def test_measure_is_deterministic_given_the_generator(spec, cifar_test):
     x = cifar_test[:4]
     op = build_operator(spec)
-    a = op.measure(x, torch.Generator().manual_seed(3))
-    b = op.measure(x, torch.Generator().manual_seed(3))
-    c = op.measure(x, torch.Generator().manual_seed(4))
+    a = _measure(op, x, torch.Generator().manual_seed(3))[1]
+    b = _measure(op, x, torch.Generator().manual_seed(3))[1]
+    c = _measure(op, x, torch.Generator().manual_seed(4))[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -176,13 +180,13 @@ def test_per_image_generators_do_not_depend_on_batch_composition(spec, cifar_tes
     ids = [10, 11, 12, 13, 14]
     x = cifar_test[ids]
     op = build_operator(spec)
-    full = op.measure(x, make_generators(7, ids))
-    full_mask = getattr(op, "mask", None)
+    full_op, full = _measure(op, x, make_generators(7, ids))
     sub = [3, 0]
-    part = op.measure(x[sub], make_generators(7, [ids[i] for i in sub]))
+    part_op, part = _measure(op, x[sub], make_generators(7, [ids[i] for i in sub]))
     torch.testing.assert_close(part, full[sub], rtol=0, atol=0)
     if isinstance(op, RandBox):
-        assert torch.equal(op.mask, full_mask[sub])
+        assert torch.equal(part_op.boxes, full_op.boxes[sub])
+        assert torch.equal(part_op.mask_for(x[sub]), full_op.mask_for(x)[sub])
 
 
 def test_measurement_noise_has_the_configured_std(rng):
@@ -197,29 +201,79 @@ def test_centre_box_is_i2sb_centre_and_hole_is_zero(cifar_test, rng):
     x = cifar_test[:2]
     op = build_operator("box:size=16,noise=0.1")
     y = op.measure(x, rng)
-    assert op.mask.dtype == torch.bool and op.mask.shape == (1, 1, 32, 32)
-    hole = ~op.mask[0, 0]
+    mask = op.mask_for(x)
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 32, 32)
+    hole = ~mask[0, 0]
     assert hole[8:24, 8:24].all() and hole.sum() == 256  # rows/cols [H/4, 3H/4)
     assert (y[:, :, 8:24, 8:24] == 0).all() and (y[..., :8, :] != x[..., :8, :]).all()  # noise on observed only
     op = Box(size=4, top=1, left=2)
-    op(x)
-    assert (~op.mask[0, 0]).nonzero().min(0).values.tolist() == [1, 2]
+    assert (~op.mask_for(x)[0, 0]).nonzero().min(0).values.tolist() == [1, 2]
     with pytest.raises(ValueError, match="does not fit"):
         Box(size=8, top=30)(x)
 
 
 def test_randbox_draws_boxes_inside_the_margin_and_needs_a_draw(cifar_test):
     x = cifar_test[:64]
-    op = RandBox(size=8, margin=4)
-    with pytest.raises(ValueError, match="no boxes drawn"):
-        op(x)
-    op.measure(x, make_generators(0, range(64)))
-    assert op.boxes.shape == (64, 2) and op.mask.shape == (64, 1, 32, 32)
+    family = RandBox(size=8, margin=4)
+    for call in (family, family.pinv, lambda x: family.measure(x, None), lambda x: family.project(x, x)):
+        with pytest.raises(ValueError, match="no boxes drawn"):
+            call(x)
+    op = family.draw(x.shape, make_generators(0, range(64)))
+    mask = op.mask_for(x)
+    assert op.boxes.shape == (64, 2) and mask.shape == (64, 1, 32, 32) and op.image_size == (32, 32)
     assert op.boxes.min() >= 4 and op.boxes.max() <= 32 - 8 - 4
     assert len({tuple(b) for b in op.boxes.tolist()}) > 32  # boxes do move
-    assert ((~op.mask).flatten(1).sum(1) == 64).all()
+    assert ((~mask).flatten(1).sum(1) == 64).all()
+    assert op.spec == family.spec and op.name == "randbox"  # the drawn operator is still a randbox:size=8,...
     with pytest.raises(ValueError, match="drawn for images"):
         op(x[:3])
+    with pytest.raises(ValueError, match="do not fit"):
+        family.with_boxes(torch.tensor([[25, 0]]), (32, 32))
+
+
+def test_randbox_boxes_are_data_drawn_from_the_generator(cifar_test):
+    """Same generator seeds -> the same boxes (the pinned draw below is the one every earlier version made:
+    cached measurements and trained models rely on it); a slice of boxes rebuilds the operator of those images."""
+    x = cifar_test[:4]
+    family = build_operator("randbox:size=8")
+    boxes = family.draw_boxes(x.shape, make_generators(0, ["a", "b", "c", "d"]))
+    assert boxes.dtype == torch.long and boxes.tolist() == family.draw_boxes(
+        x.shape, make_generators(0, ["a", "b", "c", "d"])).tolist()
+    assert torch.equal(family.draw(x.shape, make_generators(0, ["a", "b", "c", "d"])).boxes, boxes)
+    single = family.draw_boxes(x.shape, torch.Generator().manual_seed(5))
+    assert single.tolist() == PINNED_BOXES
+    one = family.with_boxes(boxes[2:3], x.shape[-2:])
+    two = family.draw(x[2:3].shape, make_generators(0, ["c"]))
+    assert torch.equal(one(x[2:3]), two(x[2:3]))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_operators_do_not_change_when_used(spec, cifar_test):
+    """An operator is immutable after construction: drawing, measuring, projecting and restoring leave it as built."""
+    x = cifar_test[:3]
+
+    def state(op):
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(op).items()}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(
+            torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+    family = build_operator(spec)
+    before = state(family)
+    drawn = family.draw(x.shape, make_generators(1, range(3)))
+    drawn_before = state(drawn)
+    for seed in (1, 2):
+        y = drawn.measure(x, make_generators(seed, range(3)))
+        drawn.project(x, y)
+        drawn(x[:3])
+        if drawn.linear:
+            drawn.pinv(y)
+            drawn.adjoint(y)
+        family.draw(x.shape, make_generators(seed + 10, range(3)))
+    assert same(state(family), before) and same(state(drawn), drawn_before)
+    if not isinstance(family, RandBox):
+        assert drawn is family  # nothing random to draw
 
 
 # -- specs, registry, errors --------------------------------------------------------------------

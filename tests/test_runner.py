@@ -256,8 +256,28 @@ def test_one_writer_per_journal(tmp_path):
 @pytest.mark.parametrize("content, kept", [(b"a\nb\nc", b"a\nb\n"), (b"abc", b""), (b"a\n", b"a\n"),
                                            (b"x\n" + b"y" * (2 << 20), b"x\n")])  # torn line longer than the 1 MiB tail
 def test_torn_journal_tail_is_cut(tmp_path, content, kept):
-    from benchmarks.runner import _repair_tail
+    from benchmarks.runner import repair_tail
 
     (tmp_path / "j.jsonl").write_bytes(content)
-    _repair_tail(tmp_path / "j.jsonl")
+    repair_tail(tmp_path / "j.jsonl")
     assert (tmp_path / "j.jsonl").read_bytes() == kept
+
+
+def test_cached_measurements_come_back_with_the_operator_that_made_them(images, tmp_path):
+    """The measure stage draws randbox's boxes from the generators also when y is read from the cache, so the
+    cached y and the boxes a method restores with always belong together; the operator family stays untouched."""
+    from benchmarks.runner.execute import batch_generators
+    from benchmarks.runner.measure import MeasurementCache
+    from operators import build_operator
+    from restore.app.io import read_image
+
+    ids = ["im0.png", "im1.png", "im2.png"]
+    x = torch.stack([read_image(images / i) for i in ids])
+    cache = MeasurementCache(tmp_path, "d", frozenset(ids[:1]))
+    family = build_operator("randbox:size=8,noise=0.05")
+    made = cache.measure(family, family.spec, 3, ids, x, batch_generators(3, ids, torch.device("cpu")).measure)
+    assert len(list(cache.folder(family.spec, 3).glob("*.npy"))) == 3 and (tmp_path / "reference" / "im0.png").is_file()
+    read = cache.measure(family, family.spec, 3, ids, x, batch_generators(3, ids, torch.device("cpu")).measure)
+    assert torch.equal(made.y, read.y) and torch.equal(made.op.boxes, read.op.boxes)
+    assert family.boxes is None and made.op.spec == family.spec
+    torch.testing.assert_close(made.op(made.y), made.y, rtol=0, atol=0)  # y is zero in the hole of its own boxes

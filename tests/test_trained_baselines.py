@@ -149,12 +149,12 @@ def test_palette_sampler_with_x0_oracle_returns_x0(eta):
 def test_degraded_image_is_full_size_with_noise_in_the_hole():
     x = images(2)
     for spec in ("jpeg:quality=10", "down:factor=2,kernel=bicubic", "box:size=4", "randbox:size=4"):
-        op = build_operator(spec)
+        op = build_operator(spec).draw(x.shape, gens(0, 1))
         y = op.measure(x, gens(0, 1))
         c = degraded_image(op, y, gens(2, 3))
         assert c.shape == x.shape
-        if hasattr(op, "mask"):
-            mask = op.mask.expand_as(c)
+        if hasattr(op, "mask_for"):
+            mask = op.mask_for(c).expand_as(c)
             assert torch.equal(c[mask], x[mask]) and c[~mask].std() > 0.5  # observed pixels kept, N(0, 1) hole
         elif op.linear:
             torch.testing.assert_close(op(c), y, atol=1e-5, rtol=0)  # A A^+ y = y
@@ -169,26 +169,23 @@ def test_restorers_shapes_nfe_per_image_noise_and_operator_check(name):
     spec = "randbox:size=4" if name == "i2sb" else "down:factor=2,kernel=bicubic"
     model = (Palette(tiny_net(cond=True), operator=spec) if name == "palette"
              else I2SB(tiny_net(), operator=spec)).eval()
-    op, x = build_operator(spec), images(2)
+    x = images(2)
+    op = build_operator(spec).draw(x.shape, gens(0, 1))
     y = op.measure(x, gens(0, 1))
     method = get_method(name)
     assert method.model == name and not method.blind
     with torch.no_grad(), model.counter.counting() as count:
         out = method(model, y, op, nfe=3, generator=gens(10, 11))
-        alone = method(model, y[1:], op_one(op, spec, 1), nfe=3, generator=gens(11))
+        alone = method(model, y[1:], op_one(op, 1), nfe=3, generator=gens(11))
     assert out.shape == x.shape and count.forward == 6
     torch.testing.assert_close(out[1:], alone, atol=1e-5, rtol=0)  # image 1 depends on its own generator only
     with pytest.raises(ValueError, match=f"trained for operator '{spec}'"):
         method(model, y, build_operator(spec + ",noise=0.05"), nfe=2)
 
 
-def op_one(op, spec, i):
+def op_one(op, i):
     """The operator of image ``i`` alone (randbox: its box)."""
-    if not hasattr(op, "boxes"):
-        return op
-    one = build_operator(spec)
-    one.boxes, one.mask = op.boxes[i:i + 1], op.mask[i:i + 1]
-    return one
+    return op.with_boxes(op.boxes[i:i + 1], op.image_size) if hasattr(op, "boxes") else op
 
 
 def test_checkpoints_round_trip_with_operator_and_bridge(tmp_path):

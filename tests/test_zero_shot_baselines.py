@@ -119,7 +119,7 @@ def test_ddrm_with_measurement_noise_denoises_observed_pixels(images, prior_in):
     op = build_operator("box:size=16,noise=0.1")
     y = op.measure(images, generator=_gens(len(images), 100))
     x_hat = get_method("ddrm")(prior_in, y, op, nfe=8, generator=_gens(len(images)))
-    m = op.mask.expand_as(images)
+    m = op.mask_for(images).expand_as(images)
     err_y, err_x = ((y - images)[m]).square().mean(), ((x_hat - images)[m]).square().mean()
     assert err_x < err_y / 4  # sigma_y / s > sigma_s at the last steps: DDRM's noisy branch removes the noise
 

@@ -2,10 +2,10 @@
 
 The training loop hands every loss clean images and the step's generator (``loss.terms(model, x, step=,
 generator=)``); the losses here turn them into (clean, degraded) pairs with the operator the model is trained
-for, ``y = op.measure(x, generator)`` (random boxes and measurement noise from the step's generator, so resumed
-runs see the same pairs), then X_1 / the condition = ``baselines.palette.degraded_image(op, y, generator)``
-(A^+ y at full size, masked holes filled with noise). Random draws per step, in order: the pair (operator, hole
-fill), then the loss's own draws.
+for, ``op = op.draw(x.shape, generator)`` and ``y = op.measure(x, generator)`` (random boxes and measurement
+noise from the step's generator, so resumed runs see the same pairs), then X_1 / the condition =
+``baselines.palette.degraded_image(op, y, generator)`` (A^+ y at full size, masked holes filled with noise).
+Random draws per step, in order: the pair (operator, hole fill), then the loss's own draws.
 """
 
 from __future__ import annotations
@@ -17,17 +17,19 @@ import torch
 
 from baselines.i2sb import TASK_DEFAULTS, BridgeSchedule
 from baselines.palette import degraded_image
-from operators import build_operator
+from operators import Operator, build_operator
 from operators.utils import Generator
 from training.losses import EDMLoss, _draw_seed, _dropout_sync
 
 __all__ = ["make_pair", "PaletteLoss", "I2SBLoss"]
 
 
-def make_pair(op, x: torch.Tensor, generator: Generator = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, x1)``: the measurement ``op.measure(x, generator)`` and the degraded image at full size."""
+def make_pair(op, x: torch.Tensor, generator: Generator = None) -> tuple[Operator, torch.Tensor, torch.Tensor]:
+    """``(op, y, x1)``: the operator drawn for the batch (``op.draw``: random boxes), its measurement
+    ``y = op.measure(x, generator)`` and the degraded image at full size."""
+    op = op.draw(x.shape, generator, device=x.device)
     y = op.measure(x, generator)
-    return y, degraded_image(op, y, generator)
+    return op, y, degraded_image(op, y, generator)
 
 
 class _PairedLoss:
@@ -67,7 +69,7 @@ class PaletteLoss(_PairedLoss):
 
     def terms(self, model, x: torch.Tensor, *, step: int = 0, generator: Generator = None) -> dict[str, torch.Tensor]:
         self._check_model(model)
-        _, cond = make_pair(self.op, x, generator)
+        _, _, cond = make_pair(self.op, x, generator)
         return EDMLoss(self.p_mean, self.p_std).terms(model, x, step=step, generator=generator, cond=cond)
 
     def __call__(self, model, x: torch.Tensor, *, step: int = 0, generator: Generator = None) -> torch.Tensor:
@@ -104,7 +106,7 @@ class I2SBLoss(_PairedLoss):
         self._check_model(model, ot_ode=self.ot_ode)
         if model.schedule != self.schedule:
             raise ValueError(f"I2SBLoss uses {self.schedule} but the model has {model.schedule}")
-        _, x1 = make_pair(self.op, x, generator)
+        op, _, x1 = make_pair(self.op, x, generator)
         seed = _draw_seed(generator, x.device)
         gen_device = generator.device if generator is not None else x.device
         n = torch.randint(0, self.interval, (x.shape[0],), generator=generator, device=gen_device).cpu()
@@ -112,9 +114,8 @@ class I2SBLoss(_PairedLoss):
         label = (x_n - x) / self.schedule.at("std_fwd", n, x)
         with _dropout_sync(model, seed):
             err = (model.predict_eps(x_n, n) - label).square()
-        mask = getattr(self.op, "mask", None)
-        if mask is not None:
-            err = err * (~mask).to(err.dtype)
+        if hasattr(op, "mask_for"):
+            err = err * (~op.mask_for(err)).to(err.dtype)
         return {"i2sb": err.flatten(1).mean(1)}
 
     def __call__(self, model, x: torch.Tensor, *, step: int = 0, generator: Generator = None) -> torch.Tensor:

@@ -6,9 +6,9 @@ registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
 * ``<image id>.png`` per image (sub-folders kept, suffix ``.png``; :class:`restore.app.io.OutputGuard`
   never overwrites an input and refuses ``OUTPUT_DIR == INPUT_DIR``);
 * ``degraded/<image id>.png`` with ``degrade=True``: the inputs are then clean images, degraded
-  first with ``op.measure``; the measurement is quantised to 8 bit, i.e. the method sees exactly the
-  saved file, so restoring ``degraded/`` later without ``degrade`` gives the same result for
-  same-size operators;
+  first with ``op.draw`` / ``op.measure`` (the drawn operator, e.g. randbox's boxes, restores the
+  batch); the measurement is quantised to 8 bit, i.e. the method sees exactly the saved file, so
+  restoring ``degraded/`` later without ``degrade`` gives the same result for same-size operators;
 * ``manifest.csv`` (:data:`COLUMNS`, one row per image id; rewritten atomically every
   :data:`MANIFEST_EVERY_S` seconds and when the run ends, fails or is interrupted):
   status ``ok`` or ``error`` (unreadable files are reported and skipped, never fatal), output files,
@@ -55,16 +55,16 @@ from torch import nn
 
 from operators import build_operator
 from operators.utils import quantize
-from restore.records.provenance import environment
 from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image
+from restore.app.tiling import tile_rule, tiled_restore
+from restore.engine.nfe import NFECount
+from restore.engine.wrappers import check_operator
+from restore.methods import get_method
+from restore.quality import consistency_psnr, psnr, ssim
+from restore.records.provenance import environment
 from restore.runtime.files import write_csv_atomic, write_text_atomic
 from restore.runtime.progress import progress_bar
 from restore.runtime.seeds import measurement_generators, restoration_generators, tile_id
-from restore.quality import consistency_psnr, psnr, ssim
-from restore.methods import get_method
-from restore.engine.wrappers import check_operator
-from restore.engine.nfe import NFECount
-from restore.app.tiling import tile_rule, tiled_restore
 
 __all__ = ["COLUMNS", "RunError", "RunSummary", "parse_hparams", "run_folder"]
 
@@ -208,7 +208,7 @@ def run_folder(
     write_text_atomic(json.dumps({"settings": settings, "environment": environment(device)}, indent=2), out / RUN_FILE)
     summary = RunSummary(out, out / MANIFEST, skipped=sorted(done))
 
-    job = _Job(meth, net, op, nfe, hparams, seed, device, tile, overlap, rule, batch_size)
+    job = _Job(meth, net, nfe, hparams, seed, device, tile, overlap, rule, batch_size)
     grad = contextlib.nullcontext() if meth.needs_grad else torch.inference_mode()
     saved = time.monotonic()
     try:
@@ -216,12 +216,16 @@ def run_folder(
             task = bar.add_task("restore", total=len(todo))
             for ids, x in folder.batches(batch_size, skip=done):
                 x = x.to(device)
-                y = quantize(op.measure(x, measurement_generators(seed, ids))) if degrade else x
+                batch_op, y = op, x
+                if degrade:
+                    gens = measurement_generators(seed, ids)
+                    batch_op = op.draw(x.shape, gens, device=x.device)  # randbox: this batch's boxes
+                    y = quantize(batch_op.measure(x, gens))
                 if degraded:
                     degraded.write_batch(y, ids)
-                x_hat, stats = job.restore(ids, y, tiled=tile is not None and sizes[ids[0]] != (tile, tile))
+                x_hat, stats = job.restore(ids, y, batch_op, tiled=tile is not None and sizes[ids[0]] != (tile, tile))
                 paths = guard.write_batch(x_hat, ids)
-                metrics = _metrics(x_hat, y, op, x if degrade else refs.load(ids, x_hat) if refs else None)
+                metrics = _metrics(x_hat, y, batch_op, x if degrade else refs.load(ids, x_hat) if refs else None)
                 for k, (image_id, (n_tiles, seconds, tally)) in enumerate(zip(ids, stats)):
                     rows[image_id] = {
                         "image_id": image_id, "status": "ok", "output": paths[k].relative_to(out).as_posix(),
@@ -336,11 +340,10 @@ def _plan_sizes(folder: ImageFolder, todo: list[int], op, degrade: bool, scale: 
 
 @dataclass(frozen=True)
 class _Job:
-    """One method with its model, operator and settings, restoring batches of measurements."""
+    """One method with its model and settings, restoring batches of measurements (each with its operator)."""
 
     meth: Any
     net: nn.Module | None
-    op: Any
     nfe: int
     hparams: dict[str, Any]
     seed: int
@@ -350,10 +353,12 @@ class _Job:
     rule: Any
     batch_size: int
 
-    def restore(self, ids: list[str], y: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, list[tuple[int, float, NFECount]]]:
-        """Restore ``y`` (one size); per image (tiles, seconds, counted NFE). A batch's cost is shared evenly."""
+    def restore(self, ids: list[str], y: torch.Tensor, op, tiled: bool
+                ) -> tuple[torch.Tensor, list[tuple[int, float, NFECount]]]:
+        """Restore ``y`` (one size) measured by ``op``; per image (tiles, seconds, counted NFE). A batch's cost
+        is shared evenly."""
         if not tiled:
-            x_hat, tally, seconds = self._timed(lambda: self._call(y, ids))
+            x_hat, tally, seconds = self._timed(lambda: self._call(y, op, ids))
             return x_hat, [(1, seconds / len(ids), tally)] * len(ids)
         parts, stats = [], []
         for k, image_id in enumerate(ids):
@@ -361,7 +366,7 @@ class _Job:
 
             def restore_tiles(tiles: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
                 keys_seen.extend(keys)
-                return self._call(tiles, [tile_id(image_id, key) for key in keys])
+                return self._call(tiles, op, [tile_id(image_id, key) for key in keys])
 
             part, tally, seconds = self._timed(lambda: tiled_restore(
                 restore_tiles, y[k:k + 1], tile=self.tile, overlap=self.overlap, rule=self.rule, batch_size=self.batch_size))
@@ -369,9 +374,9 @@ class _Job:
             stats.append((len(keys_seen), seconds, tally))
         return torch.cat(parts), stats
 
-    def _call(self, y: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    def _call(self, y: torch.Tensor, op, keys: list[str]) -> torch.Tensor:
         gens = restoration_generators(self.seed, keys)
-        return self.meth(self.net, y, self.op, nfe=self.nfe, generator=gens, **self.hparams)
+        return self.meth(self.net, y, op, nfe=self.nfe, generator=gens, **self.hparams)
 
     def _timed(self, fn) -> tuple[torch.Tensor, NFECount, float]:
         """Run ``fn()`` counting the network's evaluations; returns (result, tally, seconds)."""

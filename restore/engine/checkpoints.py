@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from restore.engine.networks import UNet, UNetConfig
-from restore.runtime.files import atomic_path
 from restore.engine.wrappers import get_wrapper, wrapper_name
+from restore.runtime.files import atomic_path
 
 FORMAT = "bcm-restore/1"
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from restore.engine.checkpoints import load_state_dict_file, save_model
-from restore.engine.wrappers import get_wrapper
 from restore.engine.networks import UNet, UNetConfig
+from restore.engine.wrappers import get_wrapper
 
 FORMATS = ("bcm-ict",)
 

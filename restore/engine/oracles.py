@@ -19,10 +19,21 @@ import torch
 from torch import nn
 
 from operators.utils import Generator, randn
-from restore.engine.wrappers import (BCM, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ConsistencyModel, EDMDenoiser, append_dims,
-                            bcm_scalings, cm_scalings, edm_scalings, sigma_from_label)
 from restore.engine.sampling import edm_ode_invert, sample_heun
 from restore.engine.schedules import karras_sigmas
+from restore.engine.wrappers import (
+    BCM,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    ConsistencyModel,
+    EDMDenoiser,
+    append_dims,
+    bcm_scalings,
+    cm_scalings,
+    edm_scalings,
+    sigma_from_label,
+)
 
 
 def _level(v, x: torch.Tensor) -> torch.Tensor:

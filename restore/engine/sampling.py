@@ -22,8 +22,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from operators.utils import Generator, randn
-from restore.engine.schedules import (Jump, Step, ancestral_plan, bcm_paper_plan, check_plan, cm_multistep_plan,
-                               zigzag_plan)
+from restore.engine.schedules import (
+    Jump,
+    Step,
+    ancestral_plan,
+    bcm_paper_plan,
+    check_plan,
+    cm_multistep_plan,
+    zigzag_plan,
+)
 
 Callback = Callable[[dict], None] | None
 

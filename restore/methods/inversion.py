@@ -29,11 +29,18 @@ from __future__ import annotations
 import torch
 
 from operators.utils import Generator, randn
-from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert,
-                                     edict_sample, obelm_gammas)
-from restore.methods import register_method
+from restore.engine.exact_inversion import (
+    bdia_invert,
+    bdia_sample,
+    ddim_invert,
+    ddim_sample,
+    edict_invert,
+    edict_sample,
+    obelm_gammas,
+)
 from restore.engine.sampling import Callback
 from restore.engine.schedules import karras_sigmas
+from restore.methods import register_method
 
 METHODS = ("bdia", "edict", "ddim")
 DC_MODES = ("step", "end", "none")

@@ -1,0 +1,161 @@
+"""Stage 1, planning: from a suite to the cells to run and the images to run them on.
+
+Input: a :class:`benchmarks.suites.Suite`, an image limit and this process's shard ``(rank, world)``.
+Output: a frozen :class:`Plan` holding the built dataset, the :class:`Cell` values in run order, the
+image indices and ids of the run (and of this shard), the ids whose degraded input and ground truth
+are kept as PNG for grids, and the key of the image set that set metrics (FID / KID) are tied to.
+
+Every configuration error (unknown method, missing or wrong kind of model, a method that supports
+none of the suite's operators) is raised here, before anything is written. A cell's key hashes its
+resolved configuration -- dataset, operator spec, method, hyper-parameters, the model's *weights*
+hash (card edits do not count), NFE budget, seed and :data:`RUNNER_VERSION` -- and nothing else, so
+editing a suite reruns exactly the cells whose configuration changed, while labels, batch size and
+the metric list never invalidate results.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from benchmarks.suites import Suite, config_hash
+from operators import build_operator
+
+RUNNER_VERSION = 1  # part of every cell key: bump when the runner's numbers change meaning
+GRID_IMAGES = 8  # degraded input and ground truth are kept as PNG for the first images (grids)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of an operator spec or method label (``jpeg:quality=10`` -> ``jpeg_quality_10``)."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One operator x method entry x NFE budget x seed, fully resolved."""
+
+    operator: str  # canonical spec
+    method: str  # registered name
+    label: str  # name in tables
+    model: str | None  # resolved bundled name / path; None for model="none"
+    model_sha: str | None
+    nfe: int  # budget
+    seed: int
+    hparams: dict = field(default_factory=dict)
+    dataset: str = ""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"version": RUNNER_VERSION, "dataset": self.dataset, "operator": self.operator, "method": self.method,
+                "hparams": self.hparams, "model_sha256": self.model_sha, "nfe": self.nfe, "seed": self.seed}
+
+    @cached_property
+    def key(self) -> str:
+        return config_hash(self.config)
+
+    def out_dir(self, root: Path) -> Path:
+        """Where the cell's restorations go under the output folder ``root``."""
+        name = f"nfe{self.nfe}-seed{self.seed}-{self.key[:8]}"
+        return root / "outputs" / slug(self.operator) / slug(self.method) / name
+
+    def describe(self) -> str:
+        return f"{self.operator} | {self.label} | nfe {self.nfe} | seed {self.seed}"
+
+
+def load_dataset(suite: Suite):
+    """The suite's dataset (:func:`restore.datasets.build_dataset`)."""
+    from restore.datasets import build_dataset
+
+    if not suite.dataset:
+        raise ValueError(f"suite {suite.name!r} names no dataset: pass --data PATH")
+    return build_dataset(suite.dataset, suite.split)
+
+
+def _check_model(suite: Suite, entry, method, ref: str | None) -> Path | None:
+    """The checkpoint of a method entry (None for model="none" methods), checked against the kind it needs."""
+    from restore.engine.checkpoints import read_metadata, resolve_model_path
+
+    if method.model == "none":
+        if entry.model is not None:
+            raise ValueError(f"method {entry.name!r} needs no model (model='none'); remove model = {entry.model!r}")
+        return None
+    if ref is None:
+        raise ValueError(f"method {entry.name!r} needs a {method.model!r} model: set model = an alias of "
+                         f"[models] ({', '.join(suite.models) or 'none'}), a bundled name or a path")
+    if not ref:
+        raise ValueError(f"suite {suite.name!r}: model alias {entry.model!r} is not set; "
+                         f"pass --model {entry.model}=PATH")
+    path = resolve_model_path(ref)
+    wrapper = read_metadata(path)["wrapper"]
+    if wrapper != method.model:
+        raise ValueError(f"method {entry.name!r} needs a {method.model!r} model but {ref} is a {wrapper!r} model")
+    return path
+
+
+def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
+    """Every cell of ``suite``, in run order (operator, seed, method entry, NFE). Checks method names
+    against the registry, model references, the model kind each method needs and that each method
+    runs on at least one operator (ValueError listing the valid choices)."""
+    from restore.engine.checkpoints import weights_sha256
+    from restore.methods import get_method
+
+    ops = {spec: build_operator(spec) for spec in suite.operators}
+    shas: dict[str, str] = {}
+    runs = []  # (entry, model reference, operator specs it runs on)
+    for entry in suite.methods:
+        method = get_method(entry.name)
+        ref = suite.model_ref(entry)
+        path = _check_model(suite, entry, method, ref)
+        if path is not None and ref not in shas:
+            shas[ref] = weights_sha256(path)
+        specs = [s for s in suite.operators
+                 if method.supports(ops[s]) and (entry.operators is None or s in entry.operators)]
+        if not specs:
+            raise ValueError(f"method {entry.name!r} supports none of the suite's operators "
+                             f"({', '.join(suite.operators)}); it supports: {', '.join(method.operators)}")
+        runs.append((entry, ref, specs))
+    return [Cell(spec, entry.name, entry.label, ref, shas.get(ref), nfe, seed, dict(entry.hparams), dataset_name)
+            for spec in suite.operators for seed in suite.seeds for entry, ref, specs in runs if spec in specs
+            for nfe in entry.nfe]
+
+
+def set_key(suite: Suite, ids: list[str]) -> str:
+    """Identity of a cell's image set and FID reference: set metrics are recomputed when either changes."""
+    return config_hash({"ids": ids, "reference": suite.fid.__dict__, "dataset": suite.dataset})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one process of a run does: the suite, its dataset and cells, and the images (all and this shard's)."""
+
+    suite: Suite
+    dataset: Any  # a restore.datasets dataset
+    cells: tuple[Cell, ...]
+    indices: tuple[int, ...]  # dataset indices of every image of the run
+    ids: tuple[str, ...]  # their image ids
+    rank: int = 0
+    world_size: int = 1
+    image_set_key: str = ""  # set_key(suite, ids)
+
+    @property
+    def mine(self) -> list[int]:
+        """The indices this shard restores: images rank, rank + W, ... (strided)."""
+        return list(self.indices[self.rank::self.world_size])
+
+    @property
+    def grid_ids(self) -> frozenset[str]:
+        """Images whose degraded input and ground truth are also saved as PNG."""
+        return frozenset(self.ids[:GRID_IMAGES])
+
+
+def make_plan(suite: Suite, limit: int | None = None, rank: int = 0, world_size: int = 1) -> Plan:
+    """Load the dataset, resolve and check every cell, and pick the first ``min(suite.images, limit)`` images."""
+    dataset = load_dataset(suite)
+    cells = resolve_cells(suite, dataset.name)
+    n = min(len(dataset), suite.images or len(dataset), limit or len(dataset))
+    indices = tuple(range(n))
+    ids = tuple(dataset.image_id(i) for i in indices)
+    return Plan(suite, dataset, tuple(cells), indices, ids, rank, world_size, set_key(suite, list(ids)))
