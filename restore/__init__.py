@@ -7,5 +7,6 @@ The user-facing package: networks and model wrappers (`restore.engine.wrappers`)
 """
 
 from restore.engine.checkpoints import list_models, load_model, save_model
+from restore.runtime.seeds import measurement_generators, restoration_generators
 
-__all__ = ["list_models", "load_model", "save_model"]
+__all__ = ["list_models", "load_model", "measurement_generators", "restoration_generators", "save_model"]

@@ -7,8 +7,9 @@ registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
   never overwrites an input and refuses ``OUTPUT_DIR == INPUT_DIR``);
 * ``degraded/<image id>.png`` with ``degrade=True``: the inputs are then clean images, degraded
   first with ``op.draw`` / ``op.measure`` (the drawn operator, e.g. randbox's boxes, restores the
-  batch); the measurement is quantised to 8 bit, i.e. the method sees exactly the saved file, so
-  restoring ``degraded/`` later without ``degrade`` gives the same result for same-size operators;
+  batch); the method sees the measurement as the benchmark runner does (float; noise and resampling are
+  not re-quantised), so ``restore run --degrade`` and ``restore-bench run`` give the same image for the
+  same id and seed; the PNG in ``degraded/`` is its 8-bit copy (identical for JPEG);
 * ``manifest.csv`` (:data:`COLUMNS`, one row per image id; rewritten atomically every
   :data:`MANIFEST_EVERY_S` seconds and when the run ends, fails or is interrupted):
   status ``ok`` or ``error`` (unreadable files are reported and skipped, never fatal), output files,
@@ -54,7 +55,6 @@ import torch
 from torch import nn
 
 from operators import build_operator
-from operators.utils import quantize
 from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image
 from restore.app.tiling import tile_rule, tiled_restore
 from restore.engine.nfe import NFECount
@@ -220,7 +220,7 @@ def run_folder(
                 if degrade:
                     gens = measurement_generators(seed, ids)
                     batch_op = op.draw(x.shape, gens, device=x.device)  # randbox: this batch's boxes
-                    y = quantize(batch_op.measure(x, gens))
+                    y = batch_op.measure(x, gens)  # as the benchmark runner: noise in float, not re-quantised
                 if degraded:
                     degraded.write_batch(y, ids)
                 x_hat, stats = job.restore(ids, y, batch_op, tiled=tile is not None and sizes[ids[0]] != (tile, tile))
@@ -375,7 +375,7 @@ class _Job:
         return torch.cat(parts), stats
 
     def _call(self, y: torch.Tensor, op, keys: list[str]) -> torch.Tensor:
-        gens = restoration_generators(self.seed, keys)
+        gens = restoration_generators(self.seed, keys, self.device)
         return self.meth(self.net, y, op, nfe=self.nfe, generator=gens, **self.hparams)
 
     def _timed(self, fn) -> tuple[torch.Tensor, NFECount, float]:
