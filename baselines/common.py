@@ -3,8 +3,8 @@
 All of them are DDIM/DDPM-type samplers written for a VP network (x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps).
 Here they run on the EDM denoiser ``D(x; sigma)`` in the variance-exploding parametrisation x = x_0 + sigma eps
 (docs/design.md#conventions). The two are the same process up to the scaling x_VE = x_VP / sqrt(abar) with
-sigma = sqrt((1 - abar) / abar) (docs/methods.md#zero-shot-diffusion-baselines), so every update below is the VP update divided by
-sqrt(abar_next):
+sigma = sqrt((1 - abar) / abar) (docs/methods.md#zero-shot-diffusion-baselines), so every update below is the VP update
+divided by sqrt(abar_next):
 
 * Tweedie's estimate x0_hat is the denoiser output; eps_hat = (x_t - x0_hat) / sigma_t;
 * the generic DDIM step x_s = x0 + c_eps * eps_hat + c_z * z with c_eps^2 + c_z^2 = sigma_s^2 (`renoise`; its

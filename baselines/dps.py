@@ -31,8 +31,7 @@ import math
 
 import torch
 
-from baselines.common import (ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels,
-                              step_callback)
+from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels, step_callback
 from operators.utils import Generator
 from restore.methods import register_method
 

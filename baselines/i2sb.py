@@ -3,8 +3,8 @@ arXiv 2302.05872).
 
 A supervised bridge from the degraded image X_1 to the clean image X_0, one model per degradation
 (docs/methods.md#i2sb; code: NVlabs/I2SB ``i2sb/diffusion.py``, ``i2sb/runner.py``). Everything lives in I2SB's own
-discrete time n = 0..N-1 (docs/design.md#conventions: the adapter to the project's sigma-conditioned network is here, next to the
-model, and no API mixes indices and sigmas):
+discrete time n = 0..N-1 (docs/design.md#conventions: the adapter to the project's sigma-conditioned network is here,
+next to the model, and no API mixes indices and sigmas):
 
 * schedule (§2.1, :class:`BridgeSchedule`): beta_n linear in sqrt(beta) from 1e-4 to beta_max / N, first half kept
   and mirrored (symmetric); sigma_n^2 = sum_{k<=n} beta_k, sigma-bar_n^2 = sum_{k>=n} beta_k;
@@ -45,9 +45,8 @@ from baselines.common import step_callback
 from baselines.palette import degraded_image
 from operators import build_operator
 from operators.utils import Generator, randn
-from restore.engine.wrappers import register_wrapper
+from restore.engine.wrappers import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator, register_wrapper
 from restore.methods import register_method
-from restore.engine.wrappers import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator
 
 I2SB_OPERATORS = ("jpeg", "box", "randbox", "down")
 # Per-task bridge settings of the paper's scripts (docs/methods.md#i2sb): (beta_max, OT-ODE).

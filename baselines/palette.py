@@ -39,9 +39,8 @@ import torch
 from baselines.common import ddim_noise, renoise, sampling_levels, step_callback
 from operators import build_operator
 from operators.utils import Generator, randn
-from restore.engine.wrappers import register_wrapper
+from restore.engine.wrappers import EDMDenoiser, check_operator, register_wrapper
 from restore.methods import register_method
-from restore.engine.wrappers import EDMDenoiser, check_operator
 
 PALETTE_OPERATORS = ("jpeg", "box", "randbox", "down")
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from baselines.common import (ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels,
-                              step_callback)
+from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels, step_callback
 from operators.utils import Generator
 from restore.methods import register_method
 

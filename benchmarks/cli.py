@@ -75,7 +75,8 @@ def list_cmd(as_json: bool) -> None:
 @click.option("--model", "models", multiple=True, callback=_model_override, metavar="ALIAS=PATH",
               help="Replace a model alias of the suite's [models] table (repeatable).")
 @click.option("--data", default=None, help="Run on this dataset (name or path) instead of the suite's.")
-@click.option("--device", default=None, help="Torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK).")
+@click.option("--device", default=None,
+              help="Torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Rich progress bars on stderr.")
 def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str | None, device: str | None,
         progress: bool) -> None:
@@ -144,7 +145,8 @@ def models(suite: str, models: dict, reference: str | None, as_json: bool, stric
 @main.command()
 @click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of stdout.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of stdout.")
 def table(results: Path, fmt: str, out: Path | None) -> None:
     """Paper tables from RESULTS (a run folder or its results.csv): method x NFE by metric, per operator.
 
@@ -172,8 +174,10 @@ def table(results: Path, fmt: str, out: Path | None) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Figure folder (default: RESULTS/figures).")
 @click.option("--grid-nfe", type=click.IntRange(min=0), default=None,
-              help="NFE shown in the image grids: per method the largest budget <= this (default: each method's largest).")
-@click.option("--grid-images", type=click.IntRange(min=1), default=8, show_default=True, help="Rows of the image grids.")
+              help="NFE shown in the image grids: per method the largest budget <= this "
+                   "(default: each method's largest).")
+@click.option("--grid-images", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rows of the image grids.")
 def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int) -> None:
     """Figures from the run folder RESULTS: FID / PSNR / consistency-PSNR vs NFE per operator (PNG + PDF,
     one line per method, log NFE axis; network-free methods as horizontal lines) and image grids per

@@ -205,11 +205,13 @@ def _load_extractor(weights: str, device: str) -> torch.nn.Module:
     # Never unpickle: the bytes must load as plain tensors first. torch-fidelity then reads these
     # very bytes (it calls torch.load without weights_only), so nothing unchecked reaches it.
     torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=io.BytesIO(data))
+    extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE_LAYER],
+                                            feature_extractor_weights_path=io.BytesIO(data))
     return extractor.to(device)
 
 
-def inception_extractor(device: str | torch.device | None = None, weights_path: str | Path | None = None) -> torch.nn.Module:
+def inception_extractor(device: str | torch.device | None = None,
+                        weights_path: str | Path | None = None) -> torch.nn.Module:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (pool3, 2048-d) with offline weights; memoised."""
     return _load_extractor(str(inception_weights_path(weights_path).resolve()), str(_device(device)))
 
@@ -301,7 +303,8 @@ def load_cached_features(key: str, directory: str | Path | None = None) -> np.nd
     """Features stored under ``key`` by :func:`cached_features`; ``FileNotFoundError`` if absent."""
     path = _cache_file(key, directory)
     if not path.is_file():
-        raise FileNotFoundError(f"no cached features for key {key} in {path.parent}; compute them from the images first")
+        raise FileNotFoundError(f"no cached features for key {key} in {path.parent}; "
+                                "compute them from the images first")
     with np.load(path, allow_pickle=False) as f:
         if str(f["extractor"]) != EXTRACTOR_ID:
             raise ValueError(f"{path} holds features of {f['extractor']}, expected {EXTRACTOR_ID}")

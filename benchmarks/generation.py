@@ -63,7 +63,8 @@ def _sample(model, x_T: torch.Tensor, nfe: int, generators) -> torch.Tensor:
 
 
 def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
-             image_shape: tuple[int, int, int] | None = None, device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
+             image_shape: tuple[int, int, int] | None = None,
+             device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
     """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image."""
     shape = image_shape or (model.net.config.out_channels, model.net.config.img_resolution,
                             model.net.config.img_resolution)
@@ -81,8 +82,8 @@ def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
 def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None) -> torch.Tensor:
     """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them.
 
-    BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` must be even; ``nfe / 2`` Heun steps up
-    and the same levels back down.
+    BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` must be even; ``nfe / 2`` Heun
+    steps up and the same levels back down.
     """
     ids = range(len(images)) if ids is None else ids
     gens = make_generators(seed, ids, images.device)
@@ -101,8 +102,9 @@ def _row(metric: str, value: float, nfe: float, seconds: float, **fields) -> dic
     return {"image_id": "*", "metric": metric, "value": float(value), "nfe": nfe, "seconds": seconds, **fields}
 
 
-def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Sequence[int], *, n: int = 1000, seed: int = 0,
-                        batch_size: int = 250, fid_cache=None) -> tuple[list[dict], dict[int, torch.Tensor]]:
+def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Sequence[int], *, n: int = 1000,
+                        seed: int = 0, batch_size: int = 250,
+                        fid_cache=None) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """FID and KID of ``n`` samples per NFE against ``reference`` (an image set as `benchmarks.fid` takes it).
     Returns rows
     (``metric, value, nfe, seconds``; seconds = sampling time per image) and the samples per NFE."""

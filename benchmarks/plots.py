@@ -51,7 +51,8 @@ def metric_plots(frame: pd.DataFrame, out: str | os.PathLike, metrics=PLOTTED) -
                 ax.errorbar(g.nfe, g[col], yerr=g[f"{m}_ci95"].fillna(0), marker="o", ms=4, capsize=2,
                             label=method, color=colors(k - 1))
             for j, row in enumerate(s[(s.nfe == 0) & s[col].notna()].itertuples()):
-                ax.axhline(getattr(row, col), ls=("--", ":", "-.")[j % 3], lw=1.2, color=colors(k + j), label=row.method)
+                ax.axhline(getattr(row, col), ls=("--", ":", "-.")[j % 3], lw=1.2, color=colors(k + j),
+                           label=row.method)
             if len(curves):
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -121,5 +122,6 @@ def image_grids(run_dir: str | os.PathLike, out: str | os.PathLike, *, nfe: int 
         grid = image_grid(torch.stack(tiles), nrow=len(columns))
         out.mkdir(parents=True, exist_ok=True)
         files.append(write_png(grid, out / f"grid_{slug(operator)}.png"))
-        (out / f"grid_{slug(operator)}.txt").write_text("columns: " + " | ".join(columns) + "\nrows: " + " ".join(ids) + "\n")
+        legend = "columns: " + " | ".join(columns) + "\nrows: " + " ".join(ids) + "\n"
+        (out / f"grid_{slug(operator)}.txt").write_text(legend)
     return files

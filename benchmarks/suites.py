@@ -250,7 +250,8 @@ def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, sourc
     fid = data.get("fid", {})
     _check_keys(_typed(fid, dict, where, "[fid]"), FID_KEYS, f"{where} [fid]")
     ref = FidReference(
-        dataset=_resolve_path(_typed(fid["dataset"], str, where, "fid.dataset"), base, DATASETS) if "dataset" in fid else None,
+        dataset=(_resolve_path(_typed(fid["dataset"], str, where, "fid.dataset"), base, DATASETS)
+                 if "dataset" in fid else None),
         split=_typed(fid["split"], str, where, "fid.split") if "split" in fid else None,
         images=_int(fid["images"], where, "fid.images", 2) if "images" in fid else None,
     )

@@ -1,4 +1,5 @@
-"""Paper tables from the long results frame (docs/design.md#results-table): method x NFE rows by metric columns, per operator.
+"""Paper tables from the long results frame (docs/design.md#results-table): method x NFE rows by metric columns,
+per operator.
 
 :func:`summarize` reduces the long frame to one numeric row per (operator, method, NFE budget):
 per-image metrics as mean and 95% confidence half-width (Student t over every image x seed value),

@@ -53,7 +53,8 @@ def image_seed(seed: int, image_id: str | int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def make_generators(seed: int, image_ids: Sequence[str | int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+def make_generators(seed: int, image_ids: Sequence[str | int],
+                    device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One seeded ``torch.Generator`` per image (see :func:`image_seed`)."""
     return [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in image_ids]
 

@@ -65,7 +65,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # name -> (file pattern in the data root, splits, default split, description)
 DATASETS = {
     "cifar10": ("cifar10_{split}.npz", ("train", "test"), "test", "CIFAR-10, 32x32, 10 classes, lossless"),
-    "tinyimagenet": ("tinyimagenet200_val_jpeg.npz", ("val",), "val", "Tiny-ImageNet-200 validation, 64x64, 200 classes, already JPEG-compressed"),
+    "tinyimagenet": ("tinyimagenet200_val_jpeg.npz", ("val",), "val",
+                     "Tiny-ImageNet-200 validation, 64x64, 200 classes, already JPEG-compressed"),
 }
 
 
@@ -142,7 +143,8 @@ class Dataset(torch.utils.data.Dataset, ABC):
         ids, x = self.get_batch([index])
         return ids[0], x[0]
 
-    def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
+    def batches(self, batch_size: int,
+                indices: Sequence[int] | None = None) -> Iterator[tuple[list[str], torch.Tensor]]:
         """Batches of equal-size images over ``indices`` (default all), grouped as in ``restore.app.io``."""
         idx = self._check(range(len(self)) if indices is None else indices)
         for group in group_by_size([self.image_size(int(i)) for i in idx], batch_size):
@@ -168,7 +170,8 @@ class ArrayDataset(Dataset):
     ):
         if layout not in ("NHWC", "NCHW"):
             raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-        channels = images.shape[3] if layout == "NHWC" and images.ndim == 4 else images.shape[1] if images.ndim == 4 else None
+        channels = (images.shape[3] if layout == "NHWC" and images.ndim == 4
+                    else images.shape[1] if images.ndim == 4 else None)
         if images.dtype != np.uint8 or channels != 3:
             raise ValueError(f"expected uint8 RGB images in {layout} layout, got {images.dtype} {images.shape}")
         if labels is not None and len(labels) != len(images):
@@ -208,7 +211,8 @@ class JpegBytesDataset(Dataset):
         source: str = "",
     ):
         offsets = np.asarray(offsets, dtype=np.int64)
-        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(data) or (np.diff(offsets) <= 0).any():
+        if (offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(data)
+                or (np.diff(offsets) <= 0).any()):
             raise ValueError("offsets must start at 0, increase strictly and end at the data length")
         if labels is not None and len(labels) != len(offsets) - 1:
             raise ValueError(f"{len(labels)} labels for {len(offsets) - 1} images")
@@ -358,7 +362,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise _Refused(f"refusing to load {module}.{name}: a data pickle may only hold containers, numbers, text and numeric numpy arrays") from None
+            raise _Refused(f"refusing to load {module}.{name}: a data pickle may only hold containers, numbers, "
+                           "text and numeric numpy arrays") from None
 
 
 def _finish(obj, memo: dict):
@@ -474,7 +479,8 @@ def load_downsampled_imagenet(path: str | os.PathLike) -> ArrayDataset:
         raise ValueError(f"{path}: expected 'data' uint8 of shape (N, 3*H*H), got {data.dtype} {data.shape}")
     if len(labels) and labels.min() < 1:
         raise ValueError(f"{path}: labels are expected 1-based (Imagenet32/64 format)")
-    return ArrayDataset(data.reshape(-1, 3, side, side), f"imagenet{side}-{path.stem}", "NCHW", labels - 1, source=str(path))
+    return ArrayDataset(data.reshape(-1, 3, side, side), f"imagenet{side}-{path.stem}", "NCHW", labels - 1,
+                        source=str(path))
 
 
 def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
@@ -497,7 +503,8 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
         if {"jpeg", "offsets"} <= keys:
             classes = [str(w) for w in f["wnids"]] if "wnids" in keys else None
             return JpegBytesDataset(f["jpeg"], f["offsets"], name, labels, classes, str(path))
-    raise ValueError(f"{path}: unknown npz layout with arrays {sorted(keys)}; expected x[, y], jpeg + offsets, or data + labels")
+    raise ValueError(f"{path}: unknown npz layout with arrays {sorted(keys)}; "
+                     "expected x[, y], jpeg + offsets, or data + labels")
 
 
 def build_dataset(
@@ -517,7 +524,8 @@ def build_dataset(
             raise ValueError(f"unknown split {split!r} for {name}: valid choices are {', '.join(splits)}")
         path = data_root(root) / pattern.format(split=split)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass root=... or set BCM_RESTORE_DATA to the folder holding {path.name}")
+            raise FileNotFoundError(f"{path} not found: pass root=... or set BCM_RESTORE_DATA "
+                                    f"to the folder holding {path.name}")
         return load_npz(path, name=f"{name}-{split}")
     path = Path(name_or_path)
     if path.is_dir():

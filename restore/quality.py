@@ -32,7 +32,8 @@ def _unit8(x: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.ndim != 4 or a.shape != b.shape:
-        raise ValueError(f"expected two (B, C, H, W) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError("expected two (B, C, H, W) tensors of the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def _psnr_from_mse(mse: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from benchmarks.cli import main as bench_main
-from restore.engine.checkpoints import load_model
 from restore.app.cli import main as restore_main
-from restore.engine.wrappers import BCM
+from restore.engine.checkpoints import load_model
 from restore.engine.networks import UNet, UNetConfig
+from restore.engine.wrappers import BCM
 from training.cli import main as train_main
 
 

@@ -11,8 +11,8 @@ import torch
 
 from restore.engine.checkpoints import load_model, load_state_dict_file, read_metadata
 from restore.engine.convert import convert_checkpoint, infer_bcm_ict_config
-from restore.engine.wrappers import BCM, ConsistencyModel
 from restore.engine.networks import UNet, UNetConfig
+from restore.engine.wrappers import BCM, ConsistencyModel
 
 LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bcm_imagenet64_layout.json"
 

@@ -1,7 +1,8 @@
 """DDIM inversion and sampling (restore.engine.exact_inversion) against diffusers itself.
 
 Oracle: data N(MU, S^2) per pixel, whose exact eps-prediction is closed-form in diffusers' VP scaling,
-x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) z:  E[z | x_t] = sqrt(1 - abar_t) (x_t - sqrt(abar_t) MU) / (abar_t S^2 + 1 - abar_t),
+x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) z:
+E[z | x_t] = sqrt(1 - abar_t) (x_t - sqrt(abar_t) MU) / (abar_t S^2 + 1 - abar_t),
 and whose EDM denoiser is `restore.engine.oracles.GaussianFlow` (the same model in x_sigma = x_t / sqrt(abar_t),
 sigma_t = sqrt((1 - abar_t) / abar_t)). diffusers' schedulers run on that eps-model in float64 (their alphas_cumprod
 cast to float64 after construction) with ``clip_sample=False`` (the default True clamps x0_hat to [-1, 1]).

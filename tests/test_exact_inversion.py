@@ -10,13 +10,20 @@ import pytest
 import torch
 
 from operators import build_operator
-from restore.engine.exact_inversion import (bdia_invert, bdia_sample, ddim_invert, ddim_sample, edict_invert,
-                                            edict_sample, obelm_gammas)
-from restore.methods.inversion import inversion_nfe, inversion_steps, restore_bdia_restore
-from restore.methods import get_method
+from restore.engine.exact_inversion import (
+    bdia_invert,
+    bdia_sample,
+    ddim_invert,
+    ddim_sample,
+    edict_invert,
+    edict_sample,
+    obelm_gammas,
+)
 from restore.engine.oracles import GaussianFlow, oracle_edm, oracle_edm_empirical
 from restore.engine.sampling import edm_ode_invert, sample_euler
 from restore.engine.schedules import karras_sigmas
+from restore.methods import get_method
+from restore.methods.inversion import inversion_nfe, inversion_steps, restore_bdia_restore
 
 MU, S, SMIN, SMAX = 0.3, 0.5, 0.002, 80.0
 FLOW = GaussianFlow(MU, S)

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from benchmarks.cli import main as bench
 from benchmarks.fairness import fairness_report
 from restore.engine.checkpoints import load_model, save_model
-from restore.records.fairness import TrainingRecord, backbone_parameters, training_record, violations
-from restore.engine.wrappers import EDMDenoiser
 from restore.engine.networks.unet import UNet, UNetConfig, count_parameters
+from restore.engine.wrappers import EDMDenoiser
+from restore.records.fairness import TrainingRecord, backbone_parameters, training_record, violations
 from training.cli import main as train
 
 
@@ -93,7 +93,8 @@ def test_match_refuses_a_different_budget_or_size(reference, tmp_path, npz, args
 
 
 def test_match_needs_a_card(tmp_path):
-    bare = save_model(EDMDenoiser(UNet(UNetConfig.preset("cifar-tiny", img_resolution=16))), tmp_path / "bare.safetensors")
+    bare = save_model(EDMDenoiser(UNet(UNetConfig.preset("cifar-tiny", img_resolution=16))),
+                      tmp_path / "bare.safetensors")
     result = _train("edm", "--match", bare, "--out", tmp_path / "e")
     assert result.exit_code != 0 and "no card" in result.output
 

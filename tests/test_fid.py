@@ -83,7 +83,8 @@ def test_kid_from_features_matches_unbiased_mmd():
     # Subset size = the smaller set: the larger set is subsampled, so replay torch-fidelity's draws.
     mean, std = fid.kid_from_features(f1, f2, subsets=5, seed=7)
     draws = np.random.RandomState(7)
-    mmds = [_mmd2_unbiased(f1[draws.choice(40, 30, replace=False)], f2[draws.choice(30, 30, replace=False)]) for _ in range(5)]
+    mmds = [_mmd2_unbiased(f1[draws.choice(40, 30, replace=False)], f2[draws.choice(30, 30, replace=False)])
+            for _ in range(5)]
     assert mean == pytest.approx(np.mean(mmds), rel=1e-6)
     assert std == pytest.approx(np.std(mmds), rel=1e-5)
     # Subsets as large as both sets are permutations: every subset gives the full-set MMD.

@@ -14,9 +14,9 @@ from benchmarks.cli import main
 from benchmarks.generation import generate, image_grid, inversion_levels, reconstruct
 from operators.utils import make_generators, randn, to_uint8
 from restore.engine.checkpoints import save_model
-from restore.engine.wrappers import BCM
 from restore.engine.networks import UNet, UNetConfig
 from restore.engine.oracles import GaussianFlow, oracle_bcm, oracle_edm
+from restore.engine.wrappers import BCM
 
 MU, S = 0.3, 0.5
 SHAPE = (3, 8, 8)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import GAUSSIAN_MU as MU  # the data of the `g` fixture
+from conftest import GAUSSIAN_S as S
 
 from operators.utils import make_generators
 from restore.engine.bcm_inversion import bcm_invert, bcm_reconstruct, interpolate, inversion_mse, slerp
 from restore.engine.oracles import oracle_bcm, oracle_bcm_empirical
-
-from conftest import GAUSSIAN_MU as MU, GAUSSIAN_S as S  # the data of the `g` fixture
 
 SMIN, SMAX = 0.002, 80.0
 
@@ -86,7 +86,9 @@ def test_slerp():
     mid = slerp(a, b, 0.25)
     torch.testing.assert_close(mid.flatten(1).norm(dim=1), 0.75 * na + 0.25 * nb)
     # the direction moves along the great circle: angles to a and b are 1/4 and 3/4 of the total
-    cos = lambda p, q: (p.flatten(1) * q.flatten(1)).sum(1) / (p.flatten(1).norm(dim=1) * q.flatten(1).norm(dim=1))
+    def cos(p, q):
+        return (p.flatten(1) * q.flatten(1)).sum(1) / (p.flatten(1).norm(dim=1) * q.flatten(1).norm(dim=1))
+
     theta = torch.arccos(cos(a, b))
     torch.testing.assert_close(torch.arccos(cos(a, mid)), 0.25 * theta, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.arccos(cos(mid, b)), 0.75 * theta, rtol=1e-4, atol=1e-4)

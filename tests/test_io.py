@@ -117,7 +117,8 @@ def test_cmyk_jpeg_converted_to_rgb(tmp_path):
         assert np.abs(out[2:6, 8 * block + 2 : 8 * block + 6] - colour).max() <= 3
 
 
-@pytest.mark.parametrize("orientation, turn", [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+@pytest.mark.parametrize("orientation, turn", [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+                                               (8, lambda a: np.rot90(a, 1))])
 @pytest.mark.parametrize("fmt", ["png", "webp"])
 def test_exif_orientation_applied(tmp_path, orientation, turn, fmt):
     a = rgb(4, 6)
@@ -189,7 +190,8 @@ def test_missing_folder(tmp_path):
 
 
 def build_tree(root):
-    for rel in ["b.png", "a.jpg", "a.png", "sub/c.bmp", "sub/deeper/d.webp", "Z.PNG", ".hidden.png", ".cache/e.png", "sub/.f.png"]:
+    for rel in ["b.png", "a.jpg", "a.png", "sub/c.bmp", "sub/deeper/d.webp", "Z.PNG", ".hidden.png", ".cache/e.png",
+                "sub/.f.png"]:
         save(rgb(4, 4), root / rel)
 
 

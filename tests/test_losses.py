@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import training.losses as L
-from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser, bcm_scalings, cm_scalings
 from restore.engine.networks.layers import SyncDropout
-from restore.engine.oracles import oracle_bcm, oracle_cm
 from restore.engine.networks.unet import UNet, UNetConfig
+from restore.engine.oracles import oracle_bcm, oracle_cm
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser, bcm_scalings, cm_scalings
 from training.finetune import bcm_from_cm
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0

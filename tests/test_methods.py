@@ -7,8 +7,8 @@ import torch
 
 from operators import build_operator
 from restore.engine import plugins
-from restore.methods import registry as methods
 from restore.methods import get_method, list_methods, register_method
+from restore.methods import registry as methods
 
 
 @pytest.fixture
@@ -33,7 +33,8 @@ def test_register_call_and_describe(registry):
     with pytest.raises(ValueError, match="does not support operator 'box'; it supports: jpeg"):
         method(None, y, build_operator("box:size=4"))
     assert list_methods() == [{"name": "scale", "blind": True, "operators": ["jpeg"], "model": "none",
-                               "default_nfe": 3, "needs_grad": False, "description": "Multiply by a factor, nfe times."}]
+                               "default_nfe": 3, "needs_grad": False,
+                               "description": "Multiply by a factor, nfe times."}]
 
 
 def test_errors(registry):

@@ -149,7 +149,8 @@ def test_consistency_psnr_downsampling_compares_in_lr_space(rng):
     assert torch.equal(consistency_psnr(x_hat, y, op), torch.full((4,), PSNR_CAP, dtype=torch.float64))
     torch.testing.assert_close(psnr(x_hat, x), torch.full((4,), 20 * math.log10(255), dtype=torch.float64))
     # A uniform shift survives pooling.
-    torch.testing.assert_close(consistency_psnr(x + 2 * STEP, y, op), torch.full((4,), 20 * math.log10(255 / 2), dtype=torch.float64))
+    torch.testing.assert_close(consistency_psnr(x + 2 * STEP, y, op),
+                               torch.full((4,), 20 * math.log10(255 / 2), dtype=torch.float64))
 
 
 def test_consistency_psnr_rejects_bad_mask_and_shape(rng):

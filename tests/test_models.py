@@ -8,10 +8,25 @@ import pytest
 import torch
 from torch import nn
 
-from restore.engine.wrappers import (BCM, ConsistencyModel, EDMDenoiser, append_dims, bcm_scalings, cm_scalings,
-                            edm_scalings, noise_label, sigma_from_label)
-from restore.engine.oracles import (EmpiricalDenoiser, GaussianFlow, oracle_bcm, oracle_cm, oracle_edm,
-                             oracle_edm_empirical)
+from restore.engine.oracles import (
+    EmpiricalDenoiser,
+    GaussianFlow,
+    oracle_bcm,
+    oracle_cm,
+    oracle_edm,
+    oracle_edm_empirical,
+)
+from restore.engine.wrappers import (
+    BCM,
+    ConsistencyModel,
+    EDMDenoiser,
+    append_dims,
+    bcm_scalings,
+    cm_scalings,
+    edm_scalings,
+    noise_label,
+    sigma_from_label,
+)
 
 SD, SMIN, SMAX = 0.5, 0.002, 80.0
 MU, S = 0.3, 0.5
@@ -73,7 +88,8 @@ def test_boundary_conditions_are_exact():
 
 
 def test_bcm_scalings_match_cm_at_sigma_min():
-    """docs/methods.md#bcm-parametrisation: at u = sigma_min, c_out and c_in equal the CM ones; c_skip differs by < 0.002 / t."""
+    """docs/methods.md#bcm-parametrisation: at u = sigma_min, c_out and c_in equal the CM ones; c_skip differs
+    by < 0.002 / t."""
     b_skip, b_out, b_in = bcm_scalings(LEVELS, torch.full_like(LEVELS, SMIN), SD)
     c_skip, c_out, c_in = cm_scalings(LEVELS, SD, SMIN)
     torch.testing.assert_close(b_out, c_out)
@@ -113,7 +129,8 @@ def test_wrapper_wiring(cls, t):
     out = _call(model, x, t, u, class_labels=labels)
     tb = append_dims(torch.as_tensor(t, dtype=torch.float32).expand(4), 4)
     ub = torch.full_like(tb, u)
-    c_skip, c_out, c_in = {EDMDenoiser: lambda: edm_scalings(tb, SD), ConsistencyModel: lambda: cm_scalings(tb, SD, SMIN),
+    c_skip, c_out, c_in = {EDMDenoiser: lambda: edm_scalings(tb, SD),
+                           ConsistencyModel: lambda: cm_scalings(tb, SD, SMIN),
                            BCM: lambda: bcm_scalings(tb, ub, SD)}[cls]()
     torch.testing.assert_close(net.last["x"], c_in * x)
     torch.testing.assert_close(net.last["noise_t"], 250 * torch.log(tb.flatten()))
@@ -145,7 +162,8 @@ def test_cm_boundary_and_target_check():
 
 
 def test_bcm_is_an_euler_step_with_the_edm_denoiser():
-    """docs/methods.md#bcm-parametrisation: f(x,t,u) = x + (u - t)(x - D(x;t))/t with D the EDM-preconditioned output of the same F."""
+    """docs/methods.md#bcm-parametrisation: f(x,t,u) = x + (u - t)(x - D(x;t))/t with D the EDM-preconditioned output of
+    the same F."""
     net = TinyNet().double()  # ignores u: the "effective denoiser" is then the EDM denoiser of F
     bcm, edm = BCM(net), EDMDenoiser(net)
     x = _x(scale=3.0, dtype=torch.float64)

@@ -28,7 +28,8 @@ LINEAR_SPECS = [s for s in SPECS if build_operator(s).linear]
 NOISY_OR_RANDOM = [s for s in SPECS if "noise" in s or s.startswith("randbox")]
 PINNED_BOXES = [[16, 6], [9, 7], [6, 21], [14, 18]]  # randbox:size=8 on 4 x 32x32 from manual_seed(5)
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
 
 
 def _ready(spec: str, x: torch.Tensor, seed: int = 0) -> Operator:
@@ -126,7 +127,8 @@ def test_bicubic_matches_torch_antialias_away_from_the_border(factor, rng):
     ref = F.interpolate(x, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False)
     torch.testing.assert_close(ours[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2], rtol=0, atol=1e-12)
     const = torch.full_like(x, 0.3)
-    torch.testing.assert_close(build_operator(f"down:factor={factor},kernel=bicubic")(const), const[..., ::factor, ::factor])
+    torch.testing.assert_close(build_operator(f"down:factor={factor},kernel=bicubic")(const),
+                               const[..., ::factor, ::factor])
 
 
 # -- projection -----------------------------------------------------------------------------------
@@ -335,7 +337,8 @@ def test_list_operators_describes_the_registry():
             "help": "std of additive Gaussian measurement noise, [-1, 1] units", "range": [0.0, None],
         }
     assert listing["down"]["params"]["kernel"]["choices"] == ["avg", "bicubic"]
-    assert listing["jpeg"]["params"]["quality"]["required"] and listing["jpeg"]["params"]["quality"]["range"] == [1, 100]
+    assert listing["jpeg"]["params"]["quality"]["required"]
+    assert listing["jpeg"]["params"]["quality"]["range"] == [1, 100]
     assert listing["randbox"]["params"]["margin"]["default"] == 0
 
 

@@ -37,7 +37,8 @@ def _blur(model, y, op, *, nfe, generator=None, callback=None):
 def frame() -> pd.DataFrame:
     """Two methods x 3 images plus one FID row each, for one operator."""
     rows = []
-    for method, nfe, psnr, fid, secs in (("a", 2, [20.0, 22.0, 27.0], 9.0, 0.5), ("b", 4, [25.0, 25.0, 25.0], 7.0, 1.0)):
+    for method, nfe, psnr, fid, secs in (("a", 2, [20.0, 22.0, 27.0], 9.0, 0.5),
+                                         ("b", 4, [25.0, 25.0, 25.0], 7.0, 1.0)):
         for i, v in enumerate(psnr):
             rows.append(dict(operator="jpeg:quality=10", method=method, nfe=nfe, nfe_budget=nfe, nfe_backward=0, seed=0,
                              image_id=f"im{i}", metric="psnr", value=v, seconds=secs, params=1_500_000))
@@ -79,12 +80,15 @@ def test_table_and_plot_commands_write_files(tmp_path):
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     for i in range(3):
         write_png(x[i], folder / f"im{i}.png")
-    suite = parse_suite({"dataset": str(folder), "operators": ["box:size=8", "down:factor=2,kernel=avg"], "metrics": ["psnr", "cpsnr"],
-                         "methods": [{"name": "report-test-pinv", "nfe": [0]}, {"name": "report-test-blur", "nfe": [1, 2, 4]}]},
+    suite = parse_suite({"dataset": str(folder), "operators": ["box:size=8", "down:factor=2,kernel=avg"],
+                         "metrics": ["psnr", "cpsnr"],
+                         "methods": [{"name": "report-test-pinv", "nfe": [0]},
+                                     {"name": "report-test-blur", "nfe": [1, 2, 4]}]},
                         "r")
     run_suite(suite, tmp_path / "run", progress=False)
     runner = CliRunner()
-    result = runner.invoke(main, ["table", str(tmp_path / "run"), "--format", "latex", "--out", str(tmp_path / "t.tex")])
+    result = runner.invoke(main, ["table", str(tmp_path / "run"), "--format", "latex",
+                                  "--out", str(tmp_path / "t.tex")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t.tex").read_text().count("\\begin{tabular}") == 2
     result = runner.invoke(main, ["table", str(tmp_path / "run" / "results.csv")])

@@ -21,13 +21,13 @@ from PIL import Image
 from benchmarks.metrics import consistency_psnr, psnr
 from operators import build_operator
 from operators.utils import randn
-from restore.engine.checkpoints import save_model
 from restore.app.cli import main
 from restore.app.io import read_image
-from restore.methods import register_method
-from restore.engine.wrappers import BCM
-from restore.engine.networks import UNet, UNetConfig
 from restore.app.run import RunError, run_folder
+from restore.engine.checkpoints import save_model
+from restore.engine.networks import UNet, UNetConfig
+from restore.engine.wrappers import BCM
+from restore.methods import register_method
 
 STATE = {"interrupt_after": None, "calls": 0, "inference_mode": []}
 
@@ -247,7 +247,8 @@ def test_user_errors_are_one_line(inputs, tiny_bcm, tmp_path):
         ([inputs, inputs, "--operator", "jpeg:quality=10", "--method", "test-pinv"], "is the input folder"),
         ([inputs, tmp_path / "o", "--operator", "jpeg:quality=10", "--method", "test-bcm"], "does not support"),
         ([inputs, tmp_path / "o", "--operator", "box:size=4", "--method", "test-bcm"], "needs a bcm model"),
-        ([inputs, tmp_path / "o", "--operator", "box:size=4", "--method", "test-pinv", "--model", tiny_bcm], "drop --model"),
+        ([inputs, tmp_path / "o", "--operator", "box:size=4", "--method", "test-pinv", "--model", tiny_bcm],
+         "drop --model"),
         ([inputs, tmp_path / "o", "--operator", "jpeg:q=1", "--method", "test-pinv"], "unknown parameter"),
         ([inputs, tmp_path / "o", "--operator", "jpeg:quality=10", "--method", "nope"], "unknown method"),
         ([inputs, tmp_path / "o", "--operator", "randbox:size=4", "--method", "test-pinv"], "needs --degrade"),
@@ -277,7 +278,8 @@ def test_methods_command_lists_registered_methods():
     assert listed.exit_code == 0, listed.output
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert rows["test-bcm"] == {"name": "test-bcm", "blind": False, "operators": ["box", "down"], "model": "bcm",
-                                "default_nfe": 2, "needs_grad": False, "description": "``nfe`` rounds of denoise-then-project with the network."}
+                                "default_nfe": 2, "needs_grad": False,
+                                "description": "``nfe`` rounds of denoise-then-project with the network."}
     assert rows["test-pinv"]["operators"] == "any" and rows["test-pinv"]["model"] == "none"
     table = CliRunner().invoke(main, ["methods"])
     assert table.exit_code == 0 and "test-bcm" in table.output and "box,down" in table.output

@@ -180,8 +180,8 @@ def test_gradient_methods_run_outside_inference_mode(images, tmp_path):
 
 def test_counted_nfe_and_parameters_with_a_model(images, tmp_path):
     from restore.engine.checkpoints import save_model
-    from restore.engine.wrappers import BCM, EDMDenoiser
     from restore.engine.networks import UNet, UNetConfig
+    from restore.engine.wrappers import BCM, EDMDenoiser
 
     torch.manual_seed(0)
     bcm = BCM(UNet(UNetConfig.preset("cifar-tiny", bidirectional=True)))
@@ -217,7 +217,8 @@ def test_fid_and_kid_per_cell(images, tmp_path, monkeypatch):
     run_suite(suite, tmp_path / "out", progress=False, limit=2)  # another image set: FID again, no restoration
     assert CALLS == {("run-test-pinv", 0): 3}
     frame = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert sorted(frame.image_id.unique()) == ["*", "im0.png", "im1.png"] and (frame[frame.metric == "fid"].n == 2).all()
+    assert sorted(frame.image_id.unique()) == ["*", "im0.png", "im1.png"]
+    assert (frame[frame.metric == "fid"].n == 2).all()
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Schedules, plans and samplers checked against the closed-form Gaussian PF-ODE (restore.engine.schedules / sampling)."""
+"""Schedules, plans and samplers checked against the closed-form Gaussian PF-ODE
+(restore.engine.schedules / sampling)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,34 @@ import math
 
 import pytest
 import torch
+from conftest import GAUSSIAN_MU as MU  # the data of the `g` fixture
+from conftest import GAUSSIAN_S as S
 
 from operators.utils import make_generators
 from restore.engine.oracles import EmpiricalDenoiser, GaussianFlow, oracle_bcm, oracle_cm, oracle_edm
-from restore.engine.sampling import (edm_ode_invert, sample_ancestral, sample_bcm, sample_cm_multistep, sample_euler,
-                              sample_heun, sample_onestep, sample_plan, sample_zigzag)
-from restore.engine.schedules import (BCM_PAPER_SCHEDULES, Jump, Renoise, ancestral_plan, bcm_paper_plan, check_plan,
-                               cm_multistep_plan, karras_sigmas, plan_nfe, zigzag_plan)
-
-from conftest import GAUSSIAN_MU as MU, GAUSSIAN_S as S  # the data of the `g` fixture
+from restore.engine.sampling import (
+    edm_ode_invert,
+    sample_ancestral,
+    sample_bcm,
+    sample_cm_multistep,
+    sample_euler,
+    sample_heun,
+    sample_onestep,
+    sample_plan,
+    sample_zigzag,
+)
+from restore.engine.schedules import (
+    BCM_PAPER_SCHEDULES,
+    Jump,
+    Renoise,
+    ancestral_plan,
+    bcm_paper_plan,
+    check_plan,
+    cm_multistep_plan,
+    karras_sigmas,
+    plan_nfe,
+    zigzag_plan,
+)
 
 SMIN, SMAX = 0.002, 80.0
 F64 = torch.float64
@@ -39,7 +59,8 @@ def test_karras_sigmas():
     # Karras et al. 2022, Eq. 5: sigma^(1/rho) is uniformly spaced; rho = 1 is a uniform grid
     steps = s[:-1] ** (1 / 7)
     torch.testing.assert_close(steps[1:] - steps[:-1], (steps[1] - steps[0]).expand(9))
-    torch.testing.assert_close(karras_sigmas(5, 1.0, 5.0, rho=1.0, append_zero=False), torch.tensor([5.0, 4, 3, 2, 1], dtype=F64))
+    torch.testing.assert_close(karras_sigmas(5, 1.0, 5.0, rho=1.0, append_zero=False),
+                               torch.tensor([5.0, 4, 3, 2, 1], dtype=F64))
     assert karras_sigmas(1, append_zero=False).tolist() == [SMAX]
     with pytest.raises(ValueError):
         karras_sigmas(0)
@@ -108,11 +129,13 @@ def test_zigzag_and_cm_multistep_equal_closed_form_replay(g, x_T):
     bcm = oracle_bcm(MU, S)
     amplify = ((0.1, 1.2), (0.05, 0.5))
     out = sample_zigzag(bcm, x_T, (80, 5.0, SMIN), amplify, generator=_gen(3))
-    torch.testing.assert_close(out, _replay(g, x_T, zigzag_plan((80, 5.0, SMIN), amplify), _gen(3)), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out, _replay(g, x_T, zigzag_plan((80, 5.0, SMIN), amplify), _gen(3)),
+                               rtol=1e-9, atol=1e-9)
     assert bcm.counter.forward == 2 + 2 * len(amplify)
     for model in (oracle_cm(MU, S), oracle_bcm(MU, S)):  # CM multistep works for both (jumps end at sigma_min)
         out = sample_cm_multistep(model, x_T, [80, 0.7, 0.2], generator=_gen(4))
-        torch.testing.assert_close(out, _replay(g, x_T, cm_multistep_plan([80, 0.7, 0.2]), _gen(4)), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out, _replay(g, x_T, cm_multistep_plan([80, 0.7, 0.2]), _gen(4)),
+                                   rtol=1e-9, atol=1e-9)
         assert model.counter.forward == 3
 
 

@@ -106,7 +106,8 @@ def test_cells_follow_supported_operators_and_keys_track_config():
     cells = resolve_cells(suite(), "d")
     assert [(c.operator, c.label, c.nfe) for c in cells] == [
         ("jpeg:quality=10", "suite-test-any", 0), ("jpeg:quality=10", "suite-test-any", 2),
-        ("jpeg:quality=10", "suite-test-jpeg", 0), ("box:size=8", "suite-test-any", 0), ("box:size=8", "suite-test-any", 2)]
+        ("jpeg:quality=10", "suite-test-jpeg", 0), ("box:size=8", "suite-test-any", 0),
+        ("box:size=8", "suite-test-any", 2)]
     assert len({c.key for c in cells}) == len(cells)
     changed = resolve_cells(suite(methods=[{"name": "suite-test-any", "nfe": [0, 2], "hparams": {"scale": 2.0}},
                                            {"name": "suite-test-jpeg", "nfe": [0], "label": "renamed"}]), "d")
@@ -131,7 +132,8 @@ def test_cli_list_and_user_errors(tmp_path):
     result = runner.invoke(main, ["list", "--json"])
     assert result.exit_code == 0 and {s["name"] for s in json.loads(result.output)} >= {"quick", "bcm-paper-jpeg"}
     assert "quick" in runner.invoke(main, ["list"]).output
-    for args, message in ((["run", "nope"], "built-in suites: "), (["run", "quick", "--model", "nope=x"], "no model alias nope"),
+    for args, message in ((["run", "nope"], "built-in suites: "),
+                          (["run", "quick", "--model", "nope=x"], "no model alias nope"),
                           (["run", "quick", "--model", "bcm"], "expected ALIAS=PATH")):
         result = runner.invoke(main, [*args, "--out", str(tmp_path / "o")])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
@@ -140,5 +142,6 @@ def test_cli_list_and_user_errors(tmp_path):
 def test_method_entries_can_restrict_operators():
     s = suite(methods=[{"name": "suite-test-any", "nfe": [0], "operators": ["box:size=8"]}])
     assert [c.operator for c in resolve_cells(s, "d")] == ["box:size=8"]
-    with pytest.raises(ValueError, match="operators box:size=4 are not in the suite; its operators: jpeg:quality=10, box:size=8"):
+    with pytest.raises(ValueError,
+                       match="operators box:size=4 are not in the suite; its operators: jpeg:quality=10, box:size=8"):
         suite(methods=[{"name": "suite-test-any", "nfe": [0], "operators": ["box:size=4"]}])

@@ -23,9 +23,9 @@ from baselines.i2sb import I2SB, BridgeSchedule, i2sb_sample, space_indices
 from baselines.palette import Palette, degraded_image, palette_sample
 from operators import build_operator
 from restore.engine.checkpoints import load_model, read_metadata, save_model
-from restore.methods import get_method
-from restore.engine.wrappers import sigma_from_label
 from restore.engine.networks.unet import UNet, UNetConfig
+from restore.engine.wrappers import sigma_from_label
+from restore.methods import get_method
 from training.cli import main
 from training.loop import TrainConfig, train
 from training.paired import I2SBLoss, PaletteLoss

@@ -7,8 +7,8 @@ PF-ODE flow map of Gaussian data (restore.engine.oracles.GaussianFlow) for what 
 from __future__ import annotations
 
 import json
-import shlex
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,14 +20,13 @@ from click.testing import CliRunner
 from torch import nn
 
 from restore.engine.checkpoints import load_model, read_metadata
-from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 from restore.engine.networks.unet import UNet, UNetConfig
 from restore.engine.oracles import GaussianFlow
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 from training.cli import main
 from training.data import ImageData, batch_indices
 from training.loop import TrainConfig, ema_beta, train
 from training.losses import BCTLoss, EDMLoss
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,7 +67,8 @@ def test_resume_is_bit_exact(tmp_path):
     for (k, a), b in zip(ema[0].state_dict().items(), ema[1].state_dict().values()):
         assert torch.equal(a, b), k
     assert not torch.equal(ema[0].net.out[2].weight, full.net.out[2].weight)  # EMA is not the online model
-    logs = [[json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("full", "part")]
+    logs = [[json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()]
+            for p in ("full", "part")]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     assert sorted(f.name for f in (tmp_path / "part" / "checkpoints").iterdir()) == [
         f"ema-{s:08d}.safetensors" for s in (2, 4, 6)]

@@ -20,8 +20,8 @@ from baselines.dps import DPS_SCALE, dps_forward, dps_guidance, dps_step, residu
 from baselines.pigdm import pigdm_guidance
 from benchmarks.metrics import psnr
 from operators import build_operator
-from restore.methods import get_method
 from restore.engine.oracles import oracle_edm, oracle_edm_empirical
+from restore.methods import get_method
 
 GRAD_METHODS = ("dps", "pigdm")
 CASES = [  # (method, operator, steps)
@@ -213,7 +213,7 @@ def test_schedule_and_noise_helpers():
 
 def test_ddrm_jpeg_start_level_is_t285_of_the_linear_schedule():
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[285]
-    assert DDRM_JPEG_SIGMA_START == pytest.approx(math.sqrt((1 - abar) / abar), abs=1e-3)
+    assert math.sqrt((1 - abar) / abar) == pytest.approx(DDRM_JPEG_SIGMA_START, abs=1e-3)
 
 
 def test_dps_default_scales_cover_its_operators():

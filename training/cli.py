@@ -22,13 +22,13 @@ from click.core import ParameterSource
 
 from baselines.i2sb import I2SB
 from baselines.palette import Palette
-from restore.engine.checkpoints import load_model
-from restore.records.fairness import backbone_parameters, parameter_violation, training_record
-from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
-from restore.engine.networks.unet import UNet, UNetConfig
-from training.export import export_run
 from restore.datasets import DATASETS
+from restore.engine.checkpoints import load_model
+from restore.engine.networks.unet import UNet, UNetConfig
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
+from restore.records.fairness import backbone_parameters, parameter_violation, training_record
 from training.data import ImageData, training_images
+from training.export import export_run
 from training.finetune import bcm_from_cm
 from training.loop import TrainConfig, train
 from training.losses import BCTLoss, EDMLoss, ICTLoss
@@ -56,13 +56,15 @@ def _common_options(*, lr: float, optimizer: str):
     options = [
         click.option("--data", default="cifar10", show_default=True, metavar="NAME|NPZ",
                      help=f"Training images: a dataset name ({', '.join(DATASETS)}: its train split, looked up in "
-                          "$BCM_RESTORE_DATA or ../shared/data) or a path restore.datasets reads (.npz, image folder)."),
+                          "$BCM_RESTORE_DATA or ../shared/data) or a path restore.datasets reads "
+                          "(.npz, image folder)."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
                      help="Run directory (created; an existing run there is continued)."),
         click.option("--resume", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
                      help="Continue the run in DIR with its stored options (same as --out DIR)."),
         click.option("--preset", default="cifar-small", show_default=True, metavar="NAME",
-                     help="UNet preset (restore.engine.networks.unet.UNetConfig.preset); resolution/channels follow the data."),
+                     help="UNet preset (restore.engine.networks.unet.UNetConfig.preset); "
+                          "resolution/channels follow the data."),
         click.option("--init", metavar="NAME|PATH",
                      help="Start from this checkpoint instead of a random network (bcm: also a CM checkpoint, "
                           "fine-tuned as in BCF with the identity u-path)."),
@@ -91,7 +93,8 @@ def _common_options(*, lr: float, optimizer: str):
         click.option("--channels-last/--no-channels-last", default=True, show_default=True,
                      help="channels_last memory format for the network."),
         click.option("--compile", is_flag=True, help="torch.compile the network (GPU option; slower on CPU)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, data order and noise."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of initialisation, data order and noise."),
         click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Save the state and an EMA snapshot every N steps."),
         click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
@@ -106,7 +109,8 @@ def _common_options(*, lr: float, optimizer: str):
                      help="Stop after N steps in this invocation (re-run to continue)."),
         click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
                      help="Stop (and save) after this many minutes; re-run to continue."),
-        click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1, …"),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (cuda if available), cpu, cuda, cuda:1, …"),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
 
@@ -131,7 +135,8 @@ def _consistency_options(*, p_mean: float, p_std: float):
                      help="Fixed number of intervals instead of the curriculum."),
         click.option("--huber-c", type=click.FloatRange(0, min_open=True), metavar="C",
                      show_default="0.00054*sqrt(C*H*W)", help="Pseudo-Huber constant."),
-        click.option("--p-mean", type=float, default=p_mean, show_default=True, help="Lognormal pair sampling: mean of ln t."),
+        click.option("--p-mean", type=float, default=p_mean, show_default=True,
+                     help="Lognormal pair sampling: mean of ln t."),
         click.option("--p-std", type=click.FloatRange(0, min_open=True), default=p_std, show_default=True,
                      help="Lognormal pair sampling: std of ln t."),
     ]

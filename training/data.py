@@ -1,7 +1,7 @@
 """Training data: an in-memory image set and a deterministic, resumable batch order. Datasets are found
 through the one registry, `restore.datasets`; the loop holds images as a uint8 NHWC numpy array (what the
-CIFAR-10 ``.npz`` files hold), a float (N, C, H, W) tensor in [-1, 1], or a sequence of float (C, H, W) tensors. The batch order is a pure function of (seed, step, rank),
-so resuming needs no sampler state.
+CIFAR-10 ``.npz`` files hold), a float (N, C, H, W) tensor in [-1, 1], or a sequence of float (C, H, W) tensors. The
+batch order is a pure function of (seed, step, rank), so resuming needs no sampler state.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import click
@@ -57,8 +57,9 @@ def training_budget(run_dir: str | Path) -> dict[str, Any]:
             "images_per_s": round(last["images"] / seconds, 2), "final_loss": last["loss"]}
 
 
-def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, click.Command], *, dtype: torch.dtype | None = torch.float16,
-               metrics: dict | None = None, notes: str | None = None) -> Path:
+def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, click.Command], *,
+               dtype: torch.dtype | None = torch.float16, metrics: dict | None = None,
+               notes: str | None = None) -> Path:
     """Write the run's EMA model to ``dst`` (safetensors, ``dtype`` storage) with a model card; ``commands``:
     the ``restore-train`` subcommands by name, whose options turn the run's stored options into its recipe."""
     run_dir = Path(run_dir)

@@ -1,7 +1,7 @@
 """Bidirectional consistency fine-tuning (BCF) initialisation from a pretrained consistency model.
 
-Li & He 2024, docs/methods.md#bcf-fine-tuning (official ``BCM/scripts/cm_train.py``): load the CM weights into a UNet with
-the u pathway, copy ``time_embed`` into ``time_embed_end`` and set the bias-free ``time_embed_align`` to
+Li & He 2024, docs/methods.md#bcf-fine-tuning (official ``BCM/scripts/cm_train.py``): load the CM weights into a UNet
+with the u pathway, copy ``time_embed`` into ``time_embed_end`` and set the bias-free ``time_embed_align`` to
 [I | 0], so the new network ignores u and, at u = σ_min, reproduces the CM up to the boundary-scaling change
 c_skip: σ_d²/((t−σ_min)² + σ_d²) (CM) → (t·σ_min + σ_d²)/(t² + σ_d²) (BCM); c_out is identical.
 """
@@ -12,8 +12,8 @@ import dataclasses
 
 import torch
 
-from restore.engine.wrappers import BCM
 from restore.engine.networks.unet import UNet
+from restore.engine.wrappers import BCM
 
 __all__ = ["bcm_from_cm"]
 
@@ -33,7 +33,8 @@ def bcm_from_cm(cm) -> BCM:
     net.to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = net.load_state_dict(cm.net.state_dict(), strict=False)
     if unexpected or any(not k.startswith(_U_PATH) for k in missing):
-        raise ValueError(f"checkpoint does not match the bidirectional UNet: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"checkpoint does not match the bidirectional UNet: missing {missing}, "
+                         f"unexpected {unexpected}")
     with torch.no_grad():
         net.time_embed_end.load_state_dict(net.time_embed.state_dict())
         dim = net.time_embed_align.weight.shape[0]

@@ -10,7 +10,8 @@ Run directory:
   config.json       resolved config (train recipe, loss, model, data, versions); checked on resume
   log.jsonl         one JSON line every ``log_every`` steps (rank 0)
   state.json + state-<step>.safetensors   resumable state (:mod:`training.state`)
-  ema.safetensors   latest evaluation-EMA model (``restore.engine.checkpoints.save_model``; load with ``restore.load_model``)
+  ema.safetensors   latest evaluation-EMA model (``restore.engine.checkpoints.save_model``; load with
+                    ``restore.load_model``)
   checkpoints/ema-<step>.safetensors      EMA snapshots every ``ckpt_every`` steps
 
 Under ``torchrun`` (WORLD_SIZE > 1) the loss is wrapped in DistributedDataParallel (gloo on CPU, nccl on
@@ -19,6 +20,7 @@ CUDA); ``config.batch`` is the global batch, each rank takes its slice, rank 0 w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -87,7 +89,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
@@ -213,14 +215,14 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
         model.net.compile()
     objective = _Objective(model, loss)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+        objective = nn.parallel.DistributedDataParallel(objective,
+                                                        device_ids=[device] if device.type == "cuda" else None)
     model.train()
 
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     local_batch = config.batch // world
     started = time.perf_counter()
     window = {"t": started, "steps": 0, "sums": {}}
-    log_file = open(run_dir / "log.jsonl", "a") if is_main else None
 
     def checkpoint(snapshot: bool) -> None:
         if is_main:
@@ -235,7 +237,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
     task = bar.add_task("train", total=config.steps, completed=step, info="")
     mid_update = False  # between optimizer.step() and the step counter: no consistent state to save
     try:
-        with bar:
+        with bar, (open(run_dir / "log.jsonl", "a") if is_main else contextlib.nullcontext()) as log_file:
             while step < end:
                 gen = step_generator(config.seed, step, rank, device)
                 idx = batch_indices(len(data), config.batch, step, config.seed, rank, world)
@@ -287,8 +289,6 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
         raise
     finally:
         model.autocast_dtype = previous_autocast
-        if log_file is not None:
-            log_file.close()
     if step % config.ckpt_every:  # otherwise the last step already saved (or nothing ran)
         checkpoint(snapshot=step == config.steps)
     return TrainResult(step=step, images=images, finished=step >= config.steps, run_dir=run_dir)

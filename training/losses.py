@@ -9,7 +9,8 @@ losses), ``x`` clean images (B, C, H, W) in [-1, 1], ``step`` the optimiser step
 curriculum), ``generator`` the only source of randomness (noise levels, noise, dropout seed).
 
 Dropout: each loss draws one seed from ``generator`` and runs all its network passes inside
-``model.net.dropout_seed(seed)``, so the online and target passes of a step see identical dropout masks (docs/methods.md#bct) without touching the global RNG. Nets without ``dropout_seed`` are accepted only if they have no
+``model.net.dropout_seed(seed)``, so the online and target passes of a step see identical dropout masks
+(docs/methods.md#bct) without touching the global RNG. Nets without ``dropout_seed`` are accepted only if they have no
 active ``nn.Dropout``.
 """
 
@@ -54,7 +55,8 @@ def curriculum_num_points(step: int, total_steps: int, s0: int = 10, s1: int = 1
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
-    """Per-sample pseudo-Huber distance (iCT Sec. 3.3), divided by √D like the official BCM code (docs/methods.md#bct): d(a, b) = (√(‖a − b‖² + c²) − c)/√D with D = C·H·W and, by default, c = 0.00054·√D.
+    """Per-sample pseudo-Huber distance (iCT Sec. 3.3), divided by √D like the official BCM code (docs/methods.md#bct):
+    d(a, b) = (√(‖a − b‖² + c²) − c)/√D with D = C·H·W and, by default, c = 0.00054·√D.
 
     The division is a global scale only (Adam is invariant to it); it keeps loss values comparable across
     resolutions. Returns (B,)."""
@@ -195,8 +197,8 @@ class ICTLoss(ConsistencyLoss):
 
 @dataclass(frozen=True)
 class BCTLoss(ConsistencyLoss):
-    """Bidirectional consistency training (Li & He 2024, docs/methods.md#bct): CT + BCT terms 1:1, last interval excluded
-    from the CT pair. ``bidirectional=False`` leaves plain CT (same pair sampling). Train a ``BCM`` with it."""
+    """Bidirectional consistency training (Li & He 2024, docs/methods.md#bct): CT + BCT terms 1:1, last interval
+    excluded from the CT pair. ``bidirectional=False`` leaves plain CT (same pair sampling). Train a ``BCM`` with it."""
 
     bidirectional: bool = True
     exclude_last_interval: bool = True

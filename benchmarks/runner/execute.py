@@ -161,7 +161,7 @@ def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, fin
                     seconds += elapsed
                     restored += len(ids)
                 progress.advance(len(ids))
-        except Exception as e:  # noqa: BLE001 - one broken cell must not stop the others; reported at the end
+        except Exception as e:  # one broken cell must not stop the others; reported at the end
             failures.append(f"{cell.describe()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             progress.note(f"[red]failed[/red] {escape(failures[-1])}")
     return Execution(restored, seconds, tuple(failures))

@@ -50,14 +50,17 @@ def models(as_json: bool) -> None:
               help="Degradation, e.g. jpeg:quality=10, box:size=16, down:factor=4,kernel=bicubic.")
 @click.option("--method", required=True, metavar="NAME", help="Restoration method (see `restore methods`).")
 @click.option("--nfe", type=click.IntRange(min=1), default=None, help="Network evaluations; default: the method's.")
-@click.option("--model", default=None, metavar="NAME|PATH", help="Checkpoint file or bundled model (see `restore models`).")
+@click.option("--model", default=None, metavar="NAME|PATH",
+              help="Checkpoint file or bundled model (see `restore models`).")
 @click.option("--degrade", is_flag=True,
               help="Inputs are clean: degrade them first (saved in OUTPUT_DIR/degraded) and score against them.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of clean references, matched by image id (extension ignored), for PSNR/SSIM.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images (or tiles) per batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images (or tiles) per batch.")
 @click.option("--device", default=None, help="torch device; default: cuda if available, else cpu.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Run seed; per-image seeds derive from it and the image id.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Run seed; per-image seeds derive from it and the image id.")
 @click.option("--recursive", is_flag=True, help="Also restore images in sub-folders (ids keep relative paths).")
 @click.option("--overwrite", is_flag=True, help="Restore every image again, even those OUTPUT_DIR already holds.")
 @click.option("--hparam", "hparams", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter (repeatable).")

@@ -214,7 +214,8 @@ def _check_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = False, on_error: ErrorCallback | None = None) -> list[Path]:
+def list_images(folder: str | os.PathLike, recursive: bool = False,
+                on_error: ErrorCallback | None = None) -> list[Path]:
     """Image files in ``folder`` sorted by id; other (non-hidden) files are reported to ``on_error``."""
     folder = _check_folder(folder)
     images = []
@@ -274,7 +275,8 @@ class ImageFolder:
     def __repr__(self) -> str:
         return f"ImageFolder({str(self.root)!r}, recursive={self.recursive}, images={len(self)})"
 
-    def batches(self, batch_size: int, skip: Iterable[str] = (), workers: int = 0) -> Iterator[tuple[list[str], torch.Tensor]]:
+    def batches(self, batch_size: int, skip: Iterable[str] = (),
+                workers: int = 0) -> Iterator[tuple[list[str], torch.Tensor]]:
         """Yield ``(ids, x)`` with ``x`` float32 (B, 3, H, W) in [-1, 1], grouped by size (module docstring).
 
         ``skip``: ids to leave out (e.g. already restored). ``workers`` > 0 decodes each batch with
@@ -345,7 +347,8 @@ def check_output_dir(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     if src == dst:
         raise OutputError(f"output folder {output_dir} is the input folder; choose another one")
     if recursive and src in dst.parents:
-        raise OutputError(f"output folder {output_dir} is inside the input folder {input_dir}, which is read recursively")
+        raise OutputError(f"output folder {output_dir} is inside the input folder {input_dir}, "
+                          "which is read recursively")
     return Path(output_dir)
 
 
@@ -408,7 +411,8 @@ class OutputGuard:
         self._names = self._assign_names(list(ids))
 
     @classmethod
-    def for_folder(cls, folder: ImageFolder, output_dir: str | os.PathLike, protect: Iterable[str | os.PathLike] = (), suffix: str = ".png") -> OutputGuard:
+    def for_folder(cls, folder: ImageFolder, output_dir: str | os.PathLike,
+                   protect: Iterable[str | os.PathLike] = (), suffix: str = ".png") -> OutputGuard:
         check_output_dir(folder.root, output_dir, folder.recursive)
         return cls(output_dir, [*folder.paths, *protect], folder.ids, suffix)
 

@@ -16,8 +16,8 @@ registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
   output size, number of tiles, wall-clock seconds (a batch's time split evenly over its images),
   the counted NFE of the restoration (network forward calls and backward passes made for the
   image's batch; for a tiled image, summed over its batches of tiles) and per-image metrics on the
-  saved 8-bit images: ``psnr`` and ``ssim`` against a reference (the clean input with ``degrade``, or the image with the same id,
-  extension ignored, in ``reference``) and ``cpsnr``, the consistency PSNR against the measurement
+  saved 8-bit images: ``psnr`` and ``ssim`` against a reference (the clean input with ``degrade``, or the image with the
+  same id, extension ignored, in ``reference``) and ``cpsnr``, the consistency PSNR against the measurement
   ``y`` (the measured ``y`` with ``degrade``; otherwise the input itself, which *is* ``y``);
 * ``run.json``: the settings that determine the outputs, plus the environment.
 
@@ -146,7 +146,8 @@ def run_folder(
     except ValueError as e:
         raise RunError(str(e)) from None
     if not meth.supports(op):
-        raise RunError(f"method {meth.name!r} does not support operator {op.name!r}; it supports: {', '.join(meth.operators)}")
+        raise RunError(f"method {meth.name!r} does not support operator {op.name!r}; "
+                       f"it supports: {', '.join(meth.operators)}")
     if degrade and reference is not None:
         raise RunError("--degrade uses the inputs as references; drop --reference")
     if op.name == "randbox" and not degrade:
@@ -199,7 +200,8 @@ def run_folder(
     except OutputError as e:
         raise RunError(str(e)) from None
     if degraded and any((out / DEGRADED_DIR) in guard.path(i).parents for i in folder.ids):
-        raise RunError(f"an input lies in a folder named {DEGRADED_DIR!r}, where --degrade saves measurements; rename it")
+        raise RunError(f"an input lies in a folder named {DEGRADED_DIR!r}, where --degrade saves measurements; "
+                       "rename it")
     done = {i for i in folder.ids if i in rows and rows[i]["status"] == "ok" and (out / rows[i]["output"]).is_file()}
     todo = [k for k, i in enumerate(folder.ids) if i not in done]
     sizes = _plan_sizes(folder, todo, op, degrade, scale, tile, rule is not None)
@@ -273,7 +275,8 @@ def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
             raise RunError(f"method {meth.name!r} uses no network; drop --model")
         return None, None
     if model is None:
-        raise RunError(f"method {meth.name!r} needs a {meth.model} model: pass --model NAME|PATH (see `restore models`)")
+        raise RunError(f"method {meth.name!r} needs a {meth.model} model: "
+                       "pass --model NAME|PATH (see `restore models`)")
     if isinstance(model, nn.Module):
         net, label = model, f"<{type(model).__name__} object>"
     else:
@@ -330,8 +333,9 @@ def _plan_sizes(folder: ImageFolder, todo: list[int], op, degrade: bool, scale: 
         raise RunError(f"the model's size {tile} is not a multiple of the operator's factor {scale}")
     if wrong and not tileable:
         side = tile if degrade else tile // scale
-        raise RunError(f"operator {op.spec} does not act locally, so images cannot be restored in tiles: the model takes "
-                       f"{side}x{side} inputs; {len(wrong)} image(s) differ, e.g. {', '.join(wrong[:3])}")
+        raise RunError(f"operator {op.spec} does not act locally, so images cannot be restored in tiles: "
+                       f"the model takes {side}x{side} inputs; {len(wrong)} image(s) differ, "
+                       f"e.g. {', '.join(wrong[:3])}")
     return sizes
 
 
@@ -362,17 +366,23 @@ class _Job:
             return x_hat, [(1, seconds / len(ids), tally)] * len(ids)
         parts, stats = [], []
         for k, image_id in enumerate(ids):
-            keys_seen: list[int] = []
-
-            def restore_tiles(tiles: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
-                keys_seen.extend(keys)
-                return self._call(tiles, op, [tile_id(image_id, key) for key in keys])
-
-            part, tally, seconds = self._timed(lambda: tiled_restore(
-                restore_tiles, y[k:k + 1], tile=self.tile, overlap=self.overlap, rule=self.rule, batch_size=self.batch_size))
+            part, stat = self._restore_tiled(image_id, y[k:k + 1], op)
             parts.append(part)
-            stats.append((len(keys_seen), seconds, tally))
+            stats.append(stat)
         return torch.cat(parts), stats
+
+    def _restore_tiled(self, image_id: str, y: torch.Tensor, op
+                       ) -> tuple[torch.Tensor, tuple[int, float, NFECount]]:
+        """Restore one image ``y`` (1, C, H, W) tile by tile; returns it and its (tiles, seconds, counted NFE)."""
+        keys_seen: list[int] = []
+
+        def restore_tiles(tiles: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+            keys_seen.extend(keys)
+            return self._call(tiles, op, [tile_id(image_id, key) for key in keys])
+
+        part, tally, seconds = self._timed(lambda: tiled_restore(
+            restore_tiles, y, tile=self.tile, overlap=self.overlap, rule=self.rule, batch_size=self.batch_size))
+        return part, (len(keys_seen), seconds, tally)
 
     def _call(self, y: torch.Tensor, op, keys: list[str]) -> torch.Tensor:
         gens = restoration_generators(self.seed, keys, self.device)
@@ -419,7 +429,7 @@ class _References:
                 continue
             try:
                 ref = read_image(path)[None].to(like.device)
-            except Exception as e:  # noqa: BLE001 - an unreadable reference costs its metrics only
+            except Exception as e:  # an unreadable reference costs its metrics only
                 out.append(f"reference unreadable: {str(e).splitlines()[0]}")
                 continue
             if ref.shape[-2:] != like.shape[-2:]:

@@ -72,7 +72,8 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
         raise ValueError(f"length {length} must be >= tile {tile} and differ from it by a multiple of {align}")
     max_step = (tile - overlap) // align  # in units of align
     if overlap < 0 or max_step < 1:
-        raise ValueError(f"overlap must be in [0, {tile - align}] for tiles of {tile} on a grid of {align}, got {overlap}")
+        raise ValueError(f"overlap must be in [0, {tile - align}] for tiles of {tile} on a grid of {align}, "
+                         f"got {overlap}")
     units = (length - tile) // align
     if units == 0:
         return [0]
@@ -117,7 +118,8 @@ def tiled_restore(
     h, w = y.shape[-2:]
     big_h, big_w = padded_length(h, t, rule.align), padded_length(w, t, rule.align)
     y_pad = F.pad(y, (0, big_w - w, 0, big_h - h), mode="replicate") if (big_h, big_w) != (h, w) else y
-    boxes = [(r, c) for r in tile_starts(big_h, t, overlap, rule.align) for c in tile_starts(big_w, t, overlap, rule.align)]
+    boxes = [(r, c) for r in tile_starts(big_h, t, overlap, rule.align)
+             for c in tile_starts(big_w, t, overlap, rule.align)]
 
     num = den = None
     window = None

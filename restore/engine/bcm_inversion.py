@@ -26,8 +26,8 @@ def _ascending(sigmas) -> list[float]:
 def bcm_invert(model, x: torch.Tensor, sigmas: Sequence[float] = (0.07, 80.0), noise: float = 0.07, *,
                generator: Generator = None, callback: Callback = None,
                extra_args: dict | None = None) -> torch.Tensor:
-    """BCM inversion (docs/methods.md#bcm-inversion): x~ = x + noise z is taken as the PF-ODE point at t = sigmas[0], then
-    jumped up through ``sigmas`` (paper: (0.07, 80) for 1 NFE, (0.07, 15, 80) for 2 NFE).
+    """BCM inversion (docs/methods.md#bcm-inversion): x~ = x + noise z is taken as the PF-ODE point at t = sigmas[0],
+    then jumped up through ``sigmas`` (paper: (0.07, 80) for 1 NFE, (0.07, 15, 80) for 2 NFE).
     ``noise = 0`` skips the noise (the input is then treated as exactly on the trajectory at sigmas[0]).
     Returns the latent at ``sigmas[-1]``; NFE = len(sigmas) - 1."""
     s = _ascending(sigmas)
@@ -41,16 +41,17 @@ def bcm_invert(model, x: torch.Tensor, sigmas: Sequence[float] = (0.07, 80.0), n
 def bcm_reconstruct(model, x: torch.Tensor, sigmas: Sequence[float] = (0.07, 80.0), noise: float = 0.07,
                     sigma_out: float | None = None, *, generator: Generator = None, callback: Callback = None,
                     extra_args: dict | None = None) -> torch.Tensor:
-    """Invert with `bcm_invert`, then generate back in one step f(x_T, sigmas[-1], sigma_out) (docs/methods.md#bcm-inversion;
-    ``sigma_out`` defaults to ``model.sigma_min`` as in the paper). NFE = len(sigmas)."""
+    """Invert with `bcm_invert`, then generate back in one step f(x_T, sigmas[-1], sigma_out)
+    (docs/methods.md#bcm-inversion; ``sigma_out`` defaults to ``model.sigma_min`` as in the paper).
+    NFE = len(sigmas)."""
     latent = bcm_invert(model, x, sigmas, noise, generator=generator, callback=callback, extra_args=extra_args)
     u = model.sigma_min if sigma_out is None else float(sigma_out)
     return sample_plan(model, latent, (Jump(float(sigmas[-1]), u),), extra_args=extra_args)
 
 
 def inversion_mse(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-    """Per-image reconstruction MSE of docs/methods.md#bcm-inversion: both images 8-bit quantised, scaled to [0, 1], squared
-    error averaged over channels and pixels. Returns shape (B,)."""
+    """Per-image reconstruction MSE of docs/methods.md#bcm-inversion: both images 8-bit quantised, scaled to [0, 1],
+    squared error averaged over channels and pixels. Returns shape (B,)."""
     diff = to_unit(quantize(x)) - to_unit(quantize(x_rec))
     return diff.square().flatten(1).mean(1)
 
@@ -78,9 +79,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 def interpolate(model, x_a: torch.Tensor, x_b: torch.Tensor, alphas: Sequence[float], *,
                 sigmas: Sequence[float] = (0.07, 80.0), noise: float = 0.07, nfe: int = 1,
                 generator: Generator = None, extra_args: dict | None = None) -> torch.Tensor:
-    """Real-to-real interpolation with a BCM (docs/methods.md#real-to-real-interpolation, recipe UNVERIFIED there): invert both images
-    (`bcm_invert`), `slerp` the latents, regenerate each interpolant with the paper's ``nfe``-step chain
-    (1: one-step, 2: 80 -> 2.4 -> sigma_min; deterministic). Returns shape (B, len(alphas), C, H, W).
+    """Real-to-real interpolation with a BCM (docs/methods.md#real-to-real-interpolation, recipe UNVERIFIED there):
+    invert both images (`bcm_invert`), `slerp` the latents, regenerate each interpolant with the paper's ``nfe``-step
+    chain (1: one-step, 2: 80 -> 2.4 -> sigma_min; deterministic). Returns shape (B, len(alphas), C, H, W).
     Cost: 2 (len(sigmas) - 1) + nfe * len(alphas) NFE."""
     if nfe not in (1, 2):
         raise ValueError(f"interpolation regenerates deterministically with 1 or 2 NFE, got {nfe}")

@@ -52,7 +52,8 @@ class BundledModel:
 # and add an entry here; see restore/weights/README.md.
 BUNDLED_MODELS: dict[str, BundledModel] = {
     "bcm-cifar10": BundledModel("bcm-cifar10.safetensors",
-                                "BCM (BCT from scratch), cifar-tiny UNet 0.81 M params, CIFAR-10 32x32; smoke-level budget",
+                                "BCM (BCT from scratch), cifar-tiny UNet 0.81 M params, CIFAR-10 32x32; "
+                                "smoke-level budget",
                                 "BCM restoration, 1-4 step sampling, inversion"),
     "edm-cifar10": BundledModel("edm-cifar10.safetensors",
                                 "EDM denoiser, cifar-tiny UNet 0.76 M params, CIFAR-10 32x32; smoke-level budget",

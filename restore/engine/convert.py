@@ -3,10 +3,10 @@
 Supported format:
 
 * ``bcm-ict`` — Mosasaur5526/BCM-iCT-torch (Li & He 2024, "Bidirectional Consistency Models"):
-  ``torch.save`` of a flat, un-prefixed fp32 ``state_dict`` of the ADM ``UNetModel`` (docs/models.md#upstream-checkpoints),
-  e.g. ``bcf_imagenet64_no32_qkv_4096/ema_0.99997_234000.pt`` (BCM) or the iCT ones. The architecture
-  is read off the keys and shapes; BCM checkpoints (with ``time_embed_end.*``) become a "bcm" wrapper,
-  iCT ones a "cm" wrapper. Loaded with ``torch.load(weights_only=True)``: nothing is unpickled.
+  ``torch.save`` of a flat, un-prefixed fp32 ``state_dict`` of the ADM ``UNetModel``
+  (docs/models.md#upstream-checkpoints), e.g. ``bcf_imagenet64_no32_qkv_4096/ema_0.99997_234000.pt`` (BCM) or the iCT
+  ones. The architecture is read off the keys and shapes; BCM checkpoints (with ``time_embed_end.*``) become a "bcm"
+  wrapper, iCT ones a "cm" wrapper. Loaded with ``torch.load(weights_only=True)``: nothing is unpickled.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ transfer between two noise levels is an explicit Euler step of the PF ODE dx/dsi
 
 It goes down (b < a, sampling) or up (b > a, inversion); `restore.engine.sampling.ddim_step` is the one
 implementation. The VP formulas of the papers map to this form with alpha = 1 and sigma = the EDM noise level
-(x_VP = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2); docs/methods.md#exact-inversion); every deviation is listed per function.
-DDIM inversion defaults to the field's convention (diffusers, null-text inversion: the network is called on the
-current sample with the target level's label), which is not the T_{a->b} above; see `ddim_invert`.
+(x_VP = x / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2); docs/methods.md#exact-inversion); every deviation is listed per
+function. DDIM inversion defaults to the field's convention (diffusers, null-text inversion: the network is called on
+the current sample with the target level's label), which is not the T_{a->b} above; see `ddim_invert`.
 
 k-diffusion-style free functions ``f(model, x, sigmas, ..., *, generator=None, callback=None, extra_args=None)``:
 
@@ -62,9 +62,9 @@ def _denoise(model, x: torch.Tensor, i: int, sigma: float, sigma_next: float, ca
 def ddim_sample(model, x: torch.Tensor, sigmas, *, generator: Generator = None, callback: Callback = None,
                 extra_args: dict | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling x_{i+1} = T_{i->i+1}(x_i) along descending ``sigmas`` (Song et al. 2021, Eq. 12
-    with eta = 0, in the ODE form of Eq. 13; docs/methods.md#ddim-inversion); equal to diffusers' ``DDIMScheduler`` with eta = 0
-    on the matching levels (tests/test_ddim_diffusers.py) and to `restore.engine.sampling.sample_euler` (the same
-    `ddim_step`). NFE = len(sigmas) - 1."""
+    with eta = 0, in the ODE form of Eq. 13; docs/methods.md#ddim-inversion); equal to diffusers' ``DDIMScheduler`` with
+    eta = 0 on the matching levels (tests/test_ddim_diffusers.py) and to `restore.engine.sampling.sample_euler` (the
+    same `ddim_step`). NFE = len(sigmas) - 1."""
     s = _levels(sigmas, descending=True)
     for i in range(len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
@@ -96,7 +96,8 @@ def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard",
 
     ``"current-level"``: x0_hat = D(x; sigma) at the current state *and* level, i.e. the explicit Euler step of
     the PF ODE upwards (= `restore.engine.sampling.edm_ode_invert` with ``method="euler"``; the "aligned" label
-    convention (b) of docs/methods.md#ddim-inversion; the step BDIA's exact inversion starts with). ``sigmas`` must start > 0.
+    convention (b) of docs/methods.md#ddim-inversion; the step BDIA's exact inversion starts with). ``sigmas`` must
+    start > 0.
 
     The callback gets ``x`` (the state at ``sigma``), ``sigma``, ``sigma_next`` and ``denoised``: the clean
     estimate the step moves from, x0_hat = x - sigma eps_hat (for "current-level" D(x; sigma) itself).

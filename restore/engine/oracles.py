@@ -131,7 +131,8 @@ class OracleNet(nn.Module):
         x_t = x / c_in
         zero = c_out == 0
         residual = self.target(x_t, t, u) - c_skip * x_t
-        return torch.where(zero, torch.zeros_like(residual), residual / torch.where(zero, torch.ones_like(c_out), c_out))
+        return torch.where(zero, torch.zeros_like(residual),
+                           residual / torch.where(zero, torch.ones_like(c_out), c_out))
 
 
 def _wrapper_kwargs(sigma_data: float, sigma_min: float, sigma_max: float) -> dict:

@@ -39,8 +39,8 @@ def sample_plan(model, x: torch.Tensor, plan: Sequence[Step], *, generator: Gene
                 callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
     """Execute a consistency-model plan (`restore.engine.schedules`): ``Jump(t, u)`` -> ``model.jump(x, t, u)``,
     ``Renoise(sigma, std)`` -> ``x + std z``. ``x`` is the state at ``plan[0].t``. This one executor covers
-    BCM one-step, ancestral, zigzag and mixed sampling (Li & He 2024, docs/methods.md#bcm-sampling), BCM inversion, and CM
-    multistep sampling (Song et al. 2023, Algorithm 1).
+    BCM one-step, ancestral, zigzag and mixed sampling (Li & He 2024, docs/methods.md#bcm-sampling), BCM inversion, and
+    CM multistep sampling (Song et al. 2023, Algorithm 1).
     """
     extra_args = extra_args or {}
     i = 0
@@ -74,8 +74,8 @@ def sample_ancestral(model, x: torch.Tensor, sigmas, *, generator: Generator = N
 def sample_zigzag(model, x: torch.Tensor, sigmas=(80.0, 0.002), amplify: Sequence[tuple[float, float]] = ((0.1, 1.2),),
                   *, generator: Generator = None, callback: Callback = None,
                   extra_args: dict | None = None) -> torch.Tensor:
-    """BCM zigzag sampling (docs/methods.md#bcm-sampling): ancestral pass along ``sigmas``, then per ``(noise, t_up)``: add
-    N(0, noise^2), jump up noise -> t_up ("noise amplification"), jump down. Defaults = the paper's NFE 3."""
+    """BCM zigzag sampling (docs/methods.md#bcm-sampling): ancestral pass along ``sigmas``, then per ``(noise, t_up)``:
+    add N(0, noise^2), jump up noise -> t_up ("noise amplification"), jump down. Defaults = the paper's NFE 3."""
     return sample_plan(model, x, zigzag_plan(sigmas, amplify), generator=generator, callback=callback,
                        extra_args=extra_args)
 

@@ -101,8 +101,8 @@ def ancestral_plan(sigmas) -> Plan:
 
 
 def zigzag_plan(sigmas, amplify: Sequence[tuple[float, float]] = ()) -> Plan:
-    """BCM zigzag sampling (docs/methods.md#bcm-sampling): an ancestral pass along ``sigmas`` (ending at the output level),
-    then for each ``(noise, t_up)`` in ``amplify``: add N(0, noise^2), treat the result as the point at
+    """BCM zigzag sampling (docs/methods.md#bcm-sampling): an ancestral pass along ``sigmas`` (ending at the output
+    level), then for each ``(noise, t_up)`` in ``amplify``: add N(0, noise^2), treat the result as the point at
     t = noise, jump *up* to t_up ("noise amplification") and jump back down to ``sigmas[-1]``.
 
     NFE = len(sigmas) - 1 + 2 len(amplify).

@@ -66,7 +66,8 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def noise_label(sigma: torch.Tensor) -> torch.Tensor:
-    """Network noise label ``c_noise = 250 ln(sigma)`` (ADM/CM time embedding input, docs/methods.md#bcm-parametrisation)."""
+    """Network noise label ``c_noise = 250 ln(sigma)`` (ADM/CM time embedding input,
+    docs/methods.md#bcm-parametrisation)."""
     return 250.0 * torch.log(sigma)
 
 
@@ -96,8 +97,9 @@ def cm_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA, sigma_min: floa
 
 
 def bcm_scalings(t: torch.Tensor, u: torch.Tensor, sigma_data: float = SIGMA_DATA):
-    """BCM scalings (Li & He 2024, official `get_scalings_for_bcm`; docs/methods.md#bcm-parametrisation): ``(c_skip, c_out, c_in)``
-    with c_skip = (t*u+sd^2)/(t^2+sd^2), c_out = (t-u)*sd/sqrt(t^2+sd^2), c_in = 1/sqrt(t^2+sd^2).
+    """BCM scalings (Li & He 2024, official `get_scalings_for_bcm`; docs/methods.md#bcm-parametrisation):
+    ``(c_skip, c_out, c_in)`` with c_skip = (t*u+sd^2)/(t^2+sd^2), c_out = (t-u)*sd/sqrt(t^2+sd^2),
+    c_in = 1/sqrt(t^2+sd^2).
 
     One formula for u < t and u > t; at u = t the numerator and denominator of c_skip are the same
     floating-point expression and c_out = 0, so f(x, t, t) = x exactly.
@@ -210,8 +212,8 @@ class ConsistencyModel(_PreconditionedModel):
 
 class BCM(_PreconditionedModel):
     """Bidirectional consistency model f(x_t, t, u) = c_skip(t,u) x_t + c_out(t,u) F(c_in(t) x_t, 250 ln t,
-    250 ln u) (Li & He 2024; docs/methods.md#bcm-parametrisation). ``model.jump(x, t, u)`` moves along the PF ODE from noise level t
-    to u, down (u < t, generation) or up (u > t, inversion); ``model(x, sigma)`` = jump to sigma_min.
+    250 ln u) (Li & He 2024; docs/methods.md#bcm-parametrisation). ``model.jump(x, t, u)`` moves along the PF ODE from
+    noise level t to u, down (u < t, generation) or up (u > t, inversion); ``model(x, sigma)`` = jump to sigma_min.
     """
 
     kind = "bcm"

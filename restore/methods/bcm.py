@@ -146,10 +146,10 @@ def invert_regenerate(model, x: torch.Tensor, rounds: Sequence[Round],
     docstring.
     """
     extra_args = extra_args or {}
-    sigma_min, i, r = model.sigma_min, 0, 0
+    sigma_min, i = model.sigma_min, 0
 
-    def f(x_t: torch.Tensor, t: float, u: float) -> torch.Tensor:
-        """The BCM jump f(x_t, t, u) of Li & He: one network evaluation, reported to ``callback``."""
+    def f(x_t: torch.Tensor, t: float, u: float, r: int) -> torch.Tensor:
+        """The BCM jump f(x_t, t, u) of Li & He in round ``r``: one network evaluation, reported to ``callback``."""
         nonlocal i
         x_u = model.jump(x_t, t, u, **extra_args)
         if callback is not None:
@@ -159,11 +159,11 @@ def invert_regenerate(model, x: torch.Tensor, rounds: Sequence[Round],
 
     for r, (sigma_s, t_small) in enumerate(rounds):
         if t_small is None:  # re-noise round (odd budgets)
-            x = f(x + sigma_s * _z(x, generator), sigma_s, sigma_min)
+            x = f(x + sigma_s * _z(x, generator), sigma_s, sigma_min, r)
         else:
             x = x + t_small * _z(x, generator)  # small noise: read as the trajectory point at t_small
-            x = f(x, t_small, sigma_s)  # inversion: jump up to sigma_s
-            x = f(x, sigma_s, sigma_min)  # regeneration: jump down to sigma_min
+            x = f(x, t_small, sigma_s, r)  # inversion: jump up to sigma_s
+            x = f(x, sigma_s, sigma_min, r)  # regeneration: jump down to sigma_min
         if consistency is not None:
             x = consistency(x)
     return x

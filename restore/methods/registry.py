@@ -1,4 +1,5 @@
-"""The registry of restoration methods shared by `restore run`, Python users and the benchmark (docs/design.md#the-method-contract).
+"""The registry of restoration methods shared by `restore run`, Python users and the benchmark
+(docs/design.md#the-method-contract).
 
 A method is one function ``restore_<name>(model, y, op, *, nfe, generator=None, callback=None, **hparams)
 -> x_hat`` (images in [-1, 1]) registered with :func:`register_method`, which records what the CLI and

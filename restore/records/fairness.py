@@ -29,7 +29,8 @@ import torch
 from restore.engine.checkpoints import read_metadata
 from restore.engine.networks.unet import UNet, UNetConfig
 
-__all__ = ["TOLERANCE", "U_BRANCH", "backbone_parameters", "parameter_violation", "TrainingRecord", "training_record", "violations"]
+__all__ = ["TOLERANCE", "U_BRANCH", "backbone_parameters", "parameter_violation", "TrainingRecord", "training_record",
+           "violations"]
 
 TOLERANCE = 0.05
 U_BRANCH = ("time_embed_end.", "time_embed_align.")

@@ -151,8 +151,9 @@ class UNet(nn.Module):
 
     ``noise_t`` / ``noise_u`` are (B,) (or scalar) noise labels already transformed by the caller
     (the wrappers pass 250 ln sigma). The time embedding is MLP(sinusoid(noise_t)); bidirectional nets
-    mix it with MLP'(sinusoid(noise_u)) through the bias-free ``time_embed_align`` (docs/methods.md#bcm-parametrisation), and
-    class-conditional nets add ``label_emb``. The embedding enters every ResBlock additively.
+    mix it with MLP'(sinusoid(noise_u)) through the bias-free ``time_embed_align``
+    (docs/methods.md#bcm-parametrisation), and class-conditional nets add ``label_emb``. The embedding enters every
+    ResBlock additively.
     """
 
     def __init__(self, config: UNetConfig):
