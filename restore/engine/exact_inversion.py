@@ -95,9 +95,8 @@ def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard",
     ``set_alpha_to_one=True``); the network is never called at level 0.
 
     ``"current-level"``: x0_hat = D(x; sigma) at the current state *and* level, i.e. the explicit Euler step of
-    the PF ODE upwards (= `restore.engine.sampling.edm_ode_invert` with ``method="euler"``; the "aligned" label
-    convention (b) of docs/methods.md#ddim-inversion; the step BDIA's exact inversion starts with). ``sigmas`` must
-    start > 0.
+    the PF ODE upwards (= `restore.engine.sampling.edm_ode_invert` with ``method="euler"``; the step BDIA's
+    exact inversion starts with; docs/methods.md#ddim-inversion compares both). ``sigmas`` must start > 0.
 
     The callback gets ``x`` (the state at ``sigma``), ``sigma``, ``sigma_next`` and ``denoised``: the clean
     estimate the step moves from, x0_hat = x - sigma eps_hat (for "current-level" D(x; sigma) itself).
