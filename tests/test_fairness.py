@@ -14,7 +14,15 @@ from benchmarks.fairness import fairness_report
 from restore.engine.checkpoints import load_model, save_model
 from restore.engine.networks.unet import UNet, UNetConfig, count_parameters
 from restore.engine.wrappers import EDMDenoiser
-from restore.records.fairness import TrainingRecord, backbone_parameters, training_record, violations
+from restore.records.fairness import (
+    TrainingRecord,
+    backbone_parameters,
+    budget_matches,
+    compute_violation,
+    format_gflop,
+    training_record,
+    violations,
+)
 from training.cli import main as train
 
 
@@ -48,6 +56,21 @@ def test_record_reads_recipe_and_budget(reference, npz):
                                                                                          "cifar-tiny", 12)
     assert record.split == str(npz) and record.train_seconds > 0
     assert record.parameters == count_parameters(load_model(reference).net) > record.backbone_parameters
+    assert record.gflop_per_image > 0 and record.train_gflop == pytest.approx(12 * record.gflop_per_image, rel=1e-5)
+
+
+def test_record_compute_from_cards_with_and_without_it(reference, tmp_path):
+    card = load_model(reference).card
+    without = dict(card, budget={k: v for k, v in card["budget"].items() if "gflop" not in k})  # an older card
+    per_image_only = dict(card, budget={k: v for k, v in card["budget"].items() if k != "train_gflop"})
+    model = load_model(reference)
+    old = training_record(save_model(model, tmp_path / "old.safetensors", card=without))
+    assert (old.images, old.gflop_per_image, old.train_gflop) == (12, None, None)
+    assert old.row()["train GFLOP"] is None and old.row()["GFLOP/image"] is None
+    partial = training_record(save_model(model, tmp_path / "partial.safetensors", card=per_image_only))
+    assert partial.train_gflop == pytest.approx(12 * card["budget"]["gflop_per_image"])
+    bundled = training_record("edm-cifar10")  # the bundled cards predate the measurement
+    assert bundled.images == 16_064 and bundled.train_gflop is None
 
 
 def test_rules():
@@ -61,6 +84,30 @@ def test_rules():
     [split] = violations(dataclasses.replace(ref, model="a", limit_images=500), ref)
     assert "cifar10[:500]" in split
     assert "no model card" in violations(dataclasses.replace(ref, model="a", images=None), ref)[0]
+
+
+def test_compute_rule_and_its_tolerance_edges():
+    """Rule 2 holds with the same images OR training compute within ±10 % (inclusive); an unrecorded compute is
+    never a violation by itself, but then only the same images keep the rule."""
+    ref = TrainingRecord("ref", "bcm", 110, 100, data="cifar10", images=1000, gflop_per_image=6.0, train_gflop=6000.0)
+    edm = dataclasses.replace(ref, model="a", gflop_per_image=2.0)
+    for images, fair in ((3300, True), (2700, True), (3303, False), (2697, False), (1000, True)):
+        record = dataclasses.replace(edm, images=images, train_gflop=2.0 * images)
+        assert (violations(record, ref) == []) is fair, images
+    assert budget_matches(dataclasses.replace(edm, images=3300, train_gflop=6600.0), ref) == ["compute"]
+    assert budget_matches(dataclasses.replace(edm, train_gflop=2000.0), ref) == ["images"]  # a third of the compute
+    assert budget_matches(dataclasses.replace(ref, model="a"), ref) == ["images", "compute"]
+    [over] = violations(dataclasses.replace(edm, images=3303, train_gflop=6606.0), ref)
+    assert "saw 3,303 training images" in over and "+10.1%" in over and "±10%" in over
+    assert compute_violation(5400.0, ref) is None and "-10.1%" in compute_violation(5394.0, ref)
+    # not recorded: fine with the same images, a violation (saying why) with other images
+    unknown = dataclasses.replace(ref, model="a", gflop_per_image=None, train_gflop=None)
+    assert violations(unknown, ref) == [] and budget_matches(unknown, ref) == ["images"]
+    [why] = violations(dataclasses.replace(unknown, images=3000), ref)
+    assert "compute of a is not recorded" in why
+    [why] = violations(dataclasses.replace(edm, images=3000, train_gflop=6000.0),
+                       dataclasses.replace(ref, gflop_per_image=None, train_gflop=None))
+    assert "compute of ref is not recorded" in why
 
 
 def test_match_trains_under_the_rules(reference, tmp_path, npz, single_thread):
@@ -107,6 +154,10 @@ def test_bench_models_reports_violations(reference, tmp_path):
                      '[[methods]]\nname = "ddnm"\nmodel = "edm"\nnfe = [2]\n')
     result = CliRunner().invoke(bench, ["models", str(suite)])
     assert result.exit_code == 0 and "VIOLATION" in result.output and "no model card" in result.output
+    header = result.output.splitlines()[0]
+    assert "GFLOP/image" in header and "train GFLOP" in header and "same budget" in header
+    gflop = format_gflop(training_record(reference).train_gflop)
+    assert f"| {gflop} " in result.output and "not recorded" in result.output  # the uncarded model
     assert CliRunner().invoke(bench, ["models", str(suite), "--strict"]).exit_code == 1
     fair = CliRunner().invoke(bench, ["models", str(suite), "--model", f"edm={reference}", "--strict", "--json"])
     assert fair.exit_code == 0 and json.loads(fair.output)["violations"] == []
@@ -119,3 +170,7 @@ def test_bundled_suites_keep_the_rules(suite):
     report = fairness_report(load_suite(suite).model_refs)
     assert report["reference"] == "bcm-cifar10" and len(report["models"]) == 6
     assert report["violations"] == []
+    # their cards predate compute measurement: "not recorded", compared by images seen, which they all match
+    assert report["compute_not_recorded"] == [m["model"] for m in report["models"]]
+    assert [m["same budget"] for m in report["models"]] == ["reference"] + ["images"] * 5
+    assert all(m["train GFLOP"] is None for m in report["models"])
