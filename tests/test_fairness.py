@@ -139,6 +139,53 @@ def test_match_refuses_a_different_budget_or_size(reference, tmp_path, npz, args
     assert result.exit_code != 0 and message in result.output, result.output
 
 
+def test_match_compute_picks_the_steps_that_match_the_compute(reference, tmp_path, single_thread):
+    """One BCT step costs about three EDM steps per image, so an EDM prior matched on compute takes about three
+    times the reference's 3 steps of 4: steps = reference GFLOP / (own measured GFLOP per image x batch), rounded."""
+    out, ref = tmp_path / "edm", training_record(reference)
+    result = _train("edm", "--match", reference, "--match-compute", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    per_image = json.loads((out / "config.json").read_text())["compute"]["gflop_per_image"]
+    assert summary["step"] == round(ref.train_gflop / (per_image * 4)) == 9 and summary["images"] == 36
+    assert summary["train_gflop"] == pytest.approx(36 * per_image)
+    assert abs(summary["train_gflop"] / ref.train_gflop - 1) <= 0.10
+    assert _train("export", out, tmp_path / "edm.safetensors").exit_code == 0
+    report = fairness_report([str(reference), str(tmp_path / "edm.safetensors")])
+    assert report["violations"] == [] and [m["same budget"] for m in report["models"]] == ["reference", "compute"]
+    assert report["compute_not_recorded"] == []
+    # resuming re-derives the same budget; the card's recipe (--match-compute --steps 9) re-runs as is
+    again = _train("edm", "--out", out, "--no-progress")
+    assert again.exit_code == 0 and json.loads(again.output)["step"] == 9
+    recipe = load_model(tmp_path / "edm.safetensors").card["recipe"]
+    assert "--match-compute" in recipe and "--steps 9" in recipe
+    words = shlex.split(recipe)[1:-2] + ["--out", str(tmp_path / "again"), "--no-progress"]
+    assert _train(*words).exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", 5], "sets the budget to its"),
+    (["--images", 8], "drop --steps / --images"),
+    (["--batch", 24], "whole batches of 24 cannot come within ±10%"),
+    (["--limit-images", 6], "--limit-images all images"),
+])
+def test_match_compute_refuses_a_different_budget(reference, tmp_path, args, message, single_thread):
+    result = _train("edm", "--match", reference, "--match-compute", "--out", tmp_path / "e", "--no-progress", *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()[-1]) < 300 and "Traceback" not in result.output
+
+
+def test_match_compute_needs_a_recorded_compute(reference, tmp_path):
+    result = _train("edm", "--match-compute", "--out", tmp_path / "e")
+    assert result.exit_code != 0 and "--match-compute needs --match MODEL" in result.output
+    card = load_model(reference).card
+    old = save_model(load_model(reference), tmp_path / "old.safetensors",
+                     card=dict(card, budget={k: v for k, v in card["budget"].items() if "gflop" not in k}))
+    result = _train("edm", "--match", old, "--match-compute", "--out", tmp_path / "e")
+    assert result.exit_code != 0 and "records no training compute" in result.output
+    assert _train("edm", "--match", old, "--out", tmp_path / "e", "--no-progress").exit_code == 0  # images: fine
+
+
 def test_match_needs_a_card(tmp_path):
     bare = save_model(EDMDenoiser(UNet(UNetConfig.preset("cifar-tiny", img_resolution=16))),
                       tmp_path / "bare.safetensors")

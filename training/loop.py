@@ -105,6 +105,7 @@ class TrainResult:
     images: int  # training images seen so far (all ranks)
     finished: bool  # step == config.steps
     run_dir: Path
+    train_gflop: float | None = None  # images x the measured GFLOP per image (rank 0; None elsewhere)
 
 
 def step_generator(seed: int, step: int, rank: int = 0, device="cpu") -> torch.Generator:
@@ -301,7 +302,8 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
         model.autocast_dtype = previous_autocast
     if step % config.ckpt_every:  # otherwise the last step already saved (or nothing ran)
         checkpoint(snapshot=step == config.steps)
-    return TrainResult(step=step, images=images, finished=step >= config.steps, run_dir=run_dir)
+    return TrainResult(step=step, images=images, finished=step >= config.steps, run_dir=run_dir,
+                       train_gflop=None if gflop_per_image is None else images * gflop_per_image)
 
 
 def _log_record(window: dict, step: int, images: int, lr: float, loss, config: TrainConfig, world: int,
