@@ -122,7 +122,8 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a rule is broken.")
 def models(suite: str, models: dict, reference: str | None, as_json: bool, strict: bool) -> None:
     """The trained models of SUITE and the fairness rules they keep: parameters (total and backbone), training
-    data split, images seen and training time of each, against a reference model (README, "Fairness rules").
+    data split, images seen, training compute (GFLOP; "not recorded" for cards from before it was measured), which
+    budget each matches (images or compute) and training time, against a reference model (README, "Fairness rules").
 
     \b
     Examples:

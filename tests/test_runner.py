@@ -197,6 +197,7 @@ def test_counted_nfe_and_parameters_with_a_model(images, tmp_path):
     assert [m["params"] for m in models["models"]] == list(frame.params[:1])
     assert models["violations"] == [f"{tmp_path / 'bcm.safetensors'}: no model card with a training recipe and "
                                     "budget, so its training is unknown"]
+    assert models["models"][0]["train GFLOP"] is None and models["compute_not_recorded"] == [models["reference"]]
     with pytest.raises(ValueError, match="needs a 'bcm' model but .* is a 'edm' model"):
         run_suite(suite.with_models({"m": str(tmp_path / "edm.safetensors")}), tmp_path / "bad", progress=False)
 

@@ -8,6 +8,7 @@ uninterrupted run for exact resume.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -236,6 +237,27 @@ def test_paired_losses_decrease(tmp_path, name):
     assert after < 0.6 * before, (before, after)
     with pytest.raises(ValueError, match="set up for"):
         type(loss)("jpeg:quality=10")(model, data[:2])
+
+
+@pytest.mark.parametrize("name", ["palette", "i2sb"])
+def test_training_compute_is_three_forward_passes(name):
+    """One network pass and its backward per image: about 3 forward passes (the first conv needs no input
+    gradient: a little under), whatever the operator that makes the pairs costs on top (a few FLOPs here)."""
+    from training.data import ImageData
+    from training.flops import flop_counter, training_flops
+
+    x, t = images(4, res=16), torch.full((4,), 1.0)
+    if name == "palette":
+        spec = "down:factor=2,kernel=bicubic"
+        model, loss = Palette(tiny_net(16, cond=True), operator=spec), PaletteLoss(spec)
+        call = functools.partial(model, x, t, cond=x)
+    else:
+        model, loss = I2SB(tiny_net(16), operator="jpeg:quality=10"), I2SBLoss("jpeg:quality=10")
+        call = functools.partial(model.predict_eps, x, torch.full((4,), 500))
+    with torch.no_grad(), flop_counter() as counter:
+        call()
+    per_image = training_flops(model, loss, ImageData(x))
+    assert per_image["gflop_per_image"] * 1e9 / (counter.get_total_flops() / 4) == pytest.approx(3, rel=0.03)
 
 
 def invoke(*args):

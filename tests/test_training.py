@@ -6,6 +6,7 @@ PF-ODE flow map of Gaussian data (restore.engine.oracles.GaussianFlow) for what 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -72,6 +73,11 @@ def test_resume_is_bit_exact(tmp_path):
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     assert sorted(f.name for f in (tmp_path / "part" / "checkpoints").iterdir()) == [
         f"ema-{s:08d}.safetensors" for s in (2, 4, 6)]
+    # the compute measured at the start (on a copy, forked RNG) is kept on resume and carried by every log line
+    compute = [json.loads((tmp_path / p / "config.json").read_text())["compute"] for p in ("full", "part")]
+    assert compute[0] == compute[1] and compute[0]["gflop_per_image"] > 0
+    assert [r["train_gflop"] for r in logs[1]] == [pytest.approx(r["images"] * compute[0]["gflop_per_image"])
+                                                   for r in logs[1]]
     assert len(list((tmp_path / "part").glob("state-*.safetensors"))) == 1
 
     # Finished runs do nothing; a changed recipe is refused with the list of differences.
@@ -147,6 +153,114 @@ def test_image_data_formats():
     assert torch.equal(t[0], a[1]) and ImageData(x).shape == (3, 4, 4)
     with pytest.raises(ValueError, match="uint8 NHWC"):
         ImageData(x.astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------- training compute
+
+def _net16(bidirectional: bool, dropout: float = 0.0) -> UNet:
+    """cifar-tiny at 16x16: attention at the top level, so the counter must see the attention products too."""
+    torch.manual_seed(0)
+    return UNet(UNetConfig.preset("cifar-tiny", img_resolution=16, bidirectional=bidirectional, dropout=dropout))
+
+
+def analytic_forward_flops(model, call) -> int:
+    """Closed-form multiply-add count (x2) of one forward pass: every conv 2·out·(in/groups)·k², every linear
+    2·out·in, every attention block 4·S²·C per image (q kᵀ and the weighted sum of v), from hooks on the modules
+    of ``model`` while ``call()`` runs."""
+    from restore.engine.networks.layers import AttentionBlock
+
+    total = [0]
+
+    def conv(m, inputs, out):
+        total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inputs, out):
+        total[0] += 2 * out.numel() * m.in_features
+
+    def attention(m, inputs, out):
+        b, c, h, w = inputs[0].shape
+        total[0] += 4 * b * (h * w) ** 2 * c
+
+    kinds = ((nn.Conv2d, conv), (nn.Linear, linear), (AttentionBlock, attention))
+    hooks = [m.register_forward_hook(fn) for m in model.modules() for kind, fn in kinds if isinstance(m, kind)]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+def counted_forward_flops(call) -> int:
+    from training.flops import flop_counter
+
+    with torch.no_grad(), flop_counter() as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def test_flop_counter_sees_every_conv_matmul_and_attention_of_the_unet():
+    x, t = images(2, res=16), torch.full((2,), 1.0)
+    edm, bcm = EDMDenoiser(_net16(False)), BCM(_net16(True))
+    for model, call in ((edm, lambda: edm(x, t)), (bcm, lambda: bcm.jump(x, t, t / 2))):
+        expected = analytic_forward_flops(model, call)
+        assert expected > 10**8 and counted_forward_flops(call) == expected
+    # channels_last takes the fused CPU attention kernel, which torch's own registry does not count
+    edm.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert counted_forward_flops(lambda: edm(x, t)) == analytic_forward_flops(edm, lambda: edm(x, t))
+
+
+def test_training_flops_are_the_expected_multiple_of_a_forward_pass():
+    """Per image, one step costs: EDM forward + backward ~ 3 forwards; iCT adds the target forward (~ 4); BCT
+    runs target + online (1 + 3), the jump (3) and a target pass back-propagated to its input only (2): ~ 9, i.e.
+    three EDM steps. Ratios, not absolute numbers (the first conv needs no input gradient: a little under)."""
+    from training.flops import training_flops
+    from training.losses import ICTLoss
+
+    data, t = ImageData(images(4, res=16)), torch.full((4,), 1.0)
+    x = data.batch(torch.arange(4))
+    per_image = {}
+    for name, model, loss in (("edm", EDMDenoiser(_net16(False)), EDMLoss()),
+                              ("ct", ConsistencyModel(_net16(False)), ICTLoss(total_steps=10)),
+                              ("bcm", BCM(_net16(True)), BCTLoss(total_steps=10))):
+        call = functools.partial(model.jump, x, t, t / 2) if name == "bcm" else functools.partial(model, x, t)
+        forward = counted_forward_flops(call) / 4
+        per_image[name] = training_flops(model, loss, data)["gflop_per_image"] * 1e9
+        per_image[name + "/forward"] = per_image[name] / forward
+    print(per_image)
+    assert per_image["edm/forward"] == pytest.approx(3, rel=0.03)
+    assert per_image["ct/forward"] == pytest.approx(4, rel=0.03)
+    assert per_image["bcm/forward"] == pytest.approx(9, rel=0.03)
+    assert per_image["bcm"] / per_image["edm"] == pytest.approx(3, rel=0.05)
+
+
+def test_measuring_flops_leaves_the_model_and_the_rng_alone():
+    """On a deep copy, with its own generator, under a forked RNG: weights, gradients, dropout seeds, the
+    train/eval flag, autocast and the global RNG stream are as before; per image it does not depend on the batch
+    or the precision."""
+    from training.flops import training_flops
+
+    model = BCM(_net16(True, dropout=0.2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seeds = [m.seed for m in model.net._dropouts]
+    rng = torch.get_rng_state()
+    data, loss = ImageData(images(8, res=16)), BCTLoss(total_steps=10)
+    record = training_flops(model, loss, data, bf16=True, channels_last=True, step=3, seed=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not model.training and model.autocast_dtype is None and [m.seed for m in model.net._dropouts] == seeds
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert next(model.parameters()).is_contiguous()  # not converted to channels_last
+    assert record["batch"] == 4 and record["step"] == 3
+    assert record["gflop_per_image"] == pytest.approx(sum(record["by_op"].values()))
+    assert {"aten.convolution", "aten.convolution_backward"} <= set(record["by_op"])
+    for options in ({"batch": 1}, {"batch": 8}, {"bf16": False}):
+        assert training_flops(model, loss, data, **{"bf16": True, "channels_last": True, **options})[
+            "gflop_per_image"] == pytest.approx(record["gflop_per_image"], rel=1e-9)
+    # the memory format picks the attention kernel: the fused one recomputes the attention scores in its backward
+    assert training_flops(model, loss, data)["gflop_per_image"] == pytest.approx(record["gflop_per_image"], rel=0.05)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -371,6 +485,9 @@ def test_export_card_recipe_reproduces_the_run(tmp_path, npz):
     assert result.exit_code == 0, result.output
     card = read_metadata(tmp_path / "bcm.safetensors")["card"]
     assert card["budget"]["steps"] == 3 and card["budget"]["images"] == 12 and card["budget"]["train_seconds"] > 0
+    compute = json.loads((out / "config.json").read_text())["compute"]
+    assert card["budget"]["gflop_per_image"] == pytest.approx(compute["gflop_per_image"], rel=1e-5)
+    assert card["budget"]["train_gflop"] == pytest.approx(12 * compute["gflop_per_image"], rel=1e-5)
     assert card["metrics"] == {"fid": {"1": 123.4}}
     words = shlex.split(card["recipe"])
     assert words[:2] == ["restore-train", "bcm"] and "--time-limit" not in words and "--no-xflip" in words

@@ -26,10 +26,19 @@ from restore.datasets import DATASETS
 from restore.engine.checkpoints import load_model
 from restore.engine.networks.unet import UNet, UNetConfig
 from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
-from restore.records.fairness import backbone_parameters, parameter_violation, training_record
+from restore.records.fairness import (
+    COMPUTE_TOLERANCE,
+    backbone_parameters,
+    compute_violation,
+    format_gflop,
+    parameter_violation,
+    training_record,
+)
+from restore.runtime import distributed
 from training.data import ImageData, training_images
 from training.export import export_run
 from training.finetune import bcm_from_cm
+from training.flops import MEASURE_BATCH, training_flops
 from training.loop import TrainConfig, train
 from training.losses import BCTLoss, EDMLoss, ICTLoss
 from training.paired import I2SBLoss, PaletteLoss
@@ -105,6 +114,10 @@ def _common_options(*, lr: float, optimizer: str):
                      help="Train under the fairness rules against MODEL (bundled name or checkpoint with a card): "
                           "its data and split, its number of training images, its batch and preset unless given, "
                           "and a backbone within ±5 % of its parameters (restore.records.fairness)."),
+        click.option("--match-compute", is_flag=True,
+                     help="With --match: match MODEL's training compute instead of its images: the number of steps "
+                          "is MODEL's training GFLOP / (this run's measured GFLOP per image x batch), rounded, and "
+                          "must land within ±10 % (MODEL's card must record its compute)."),
         click.option("--chunk", type=click.IntRange(min=1), metavar="N",
                      help="Stop after N steps in this invocation (re-run to continue)."),
         click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
@@ -268,6 +281,8 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
             opts = {**opts, **{k: v for k, v in stored["options"].items() if k in opts and k not in explicit}}
     elif opts["resume"] is not None:
         raise click.ClickException(f"{opts['resume']} holds no run (no config.json)")
+    if opts["match_compute"] and not opts["match"]:
+        raise click.UsageError("--match-compute needs --match MODEL")
     if opts["match"]:
         opts = _match(ctx, opts)
     if opts["images"] is not None:
@@ -289,7 +304,8 @@ def _explicit(ctx: click.Context, opts: dict) -> set[str]:
 
 def _match(ctx: click.Context, opts: dict) -> dict:
     """Options under the fairness rules against ``--match``: the reference's data, split and images seen
-    (conflicting values are errors), its batch and preset unless given (the backbone is checked after building)."""
+    (conflicting values are errors), its batch and preset unless given (the backbone is checked after building).
+    With ``--match-compute`` the number of steps is left to :func:`_match_compute`, which needs the built model."""
     name = opts["match"]
     try:
         ref = training_record(name)
@@ -297,6 +313,9 @@ def _match(ctx: click.Context, opts: dict) -> dict:
         raise click.UsageError(f"--match: {e}") from None
     if ref.images is None or ref.batch is None:
         raise click.UsageError(f"--match {name}: the model has no card with a training recipe and budget")
+    if opts["match_compute"] and ref.train_gflop is None:
+        raise click.UsageError(f"--match {name} --match-compute: its card records no training compute (trained "
+                               "before compute was measured); match its images with --match alone")
     explicit = _explicit(ctx, opts)
     opts = {**opts, **{k: v for k, v in (("batch", ref.batch), ("preset", ref.preset)) if k not in explicit}}
     for key, value in (("data", ref.data), ("limit_images", ref.limit_images)):
@@ -305,6 +324,8 @@ def _match(ctx: click.Context, opts: dict) -> dict:
             raise click.UsageError(f"--match {name} was trained with --{key.replace('_', '-')} {wanted}, "
                                    f"got {opts[key]}")
         opts[key] = value
+    if opts["match_compute"]:
+        return opts
     if ref.images % opts["batch"]:
         raise click.UsageError(f"--match {name}: --batch {opts['batch']} does not divide its {ref.images:,} "
                                "training images")
@@ -313,6 +334,34 @@ def _match(ctx: click.Context, opts: dict) -> dict:
         raise click.UsageError(f"--match {name} sets the budget to its {ref.images:,} training images "
                                f"({steps} steps of {opts['batch']}); drop --steps / --images")
     opts["steps"], opts["images"] = steps, None
+    return opts
+
+
+def _match_compute(ctx: click.Context, opts: dict, model, loss, data: ImageData) -> dict:
+    """``--match-compute``: the number of steps whose training compute, measured for this model and loss with the
+    run's settings exactly as the trainer will measure it (:func:`training.flops.training_flops`), is closest to the
+    reference's; refused when whole batches cannot land within ±10 % or --steps / --images say otherwise."""
+    name, batch = opts["match"], opts["batch"]
+    ref = training_record(name)
+    _, world, device = distributed.setup(None if opts["device"] == "auto" else opts["device"])
+    per_image = training_flops(model, loss, data, seed=opts["seed"], bf16=opts["bf16"],
+                               channels_last=opts["channels_last"], device=device,
+                               batch=min(MEASURE_BATCH, batch // world))["gflop_per_image"]
+    steps = max(1, round(ref.train_gflop / (per_image * batch)))
+    total = steps * batch * per_image
+    budget = (f"{steps} steps of {batch} ({format_gflop(total)} training GFLOP at {per_image:.4g} per image, "
+              f"{total / ref.train_gflop - 1:+.1%})")
+    if compute_violation(total, ref):
+        raise click.UsageError(f"--match {name} --match-compute: whole batches of {batch} cannot come within "
+                               f"±{COMPUTE_TOLERANCE:.0%} of its {format_gflop(ref.train_gflop)} training GFLOP: "
+                               f"{budget}; choose a smaller --batch")
+    explicit = _explicit(ctx, opts)
+    if ("steps" in explicit or "images" in explicit) and opts["steps"] != steps:
+        raise click.UsageError(f"--match {name} --match-compute sets the budget to its "
+                               f"{format_gflop(ref.train_gflop)} training GFLOP: {budget}; drop --steps / --images")
+    opts = {**opts, "steps": steps}
+    if "curriculum_steps" in opts and "curriculum_steps" not in explicit:
+        opts["curriculum_steps"] = steps  # the curriculum spans the run, as without --match-compute
     return opts
 
 
@@ -330,6 +379,9 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
         data = ImageData(images)
         model, loss = build(opts, data.shape)
         _check_match(opts, model)
+        if opts["match_compute"]:
+            opts = _match_compute(ctx, opts, model, loss, data)
+            model, loss = build(opts, data.shape)  # again, for a loss whose curriculum follows the chosen steps
         config = TrainConfig(
             steps=opts["steps"], batch=opts["batch"], lr=opts["lr"], optimizer=opts["optimizer"],
             grad_clip=opts["grad_clip"], lr_warmup=opts["lr_warmup"], ema_rate=opts["ema_rate"],
@@ -344,7 +396,8 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "images": result.images,
-                           "finished": result.finished, "model": str(Path(result.run_dir) / "ema.safetensors")}))
+                           "train_gflop": result.train_gflop, "finished": result.finished,
+                           "model": str(Path(result.run_dir) / "ema.safetensors")}))
 
 
 @main.command()

@@ -2,8 +2,10 @@
 
 The card is derived from the run itself, so the training command stays the single source of truth:
 ``recipe`` is the ``restore-train`` command line that reproduces the run (rebuilt from the options stored
-in its config.json), ``budget`` the steps, images seen and training time read from its log, and
-``metrics`` whatever evaluation results are passed in (e.g. `restore-bench generation`'s summary).
+in its config.json), ``budget`` the steps, images seen and training time read from its log plus the training
+compute (``gflop_per_image``, measured when the run started and stored in its config.json, and ``train_gflop``
+= images x gflop_per_image; both absent for runs from before compute was measured), and ``metrics`` whatever
+evaluation results are passed in (e.g. `restore-bench generation`'s summary).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, clic
         raise ValueError(f"{run_dir} was not trained with restore-train: no stored command to put in the card")
     environment = config.get("environment", {})
     budget = training_budget(run_dir)
+    gflop_per_image = (config.get("compute") or {}).get("gflop_per_image")
+    if gflop_per_image is not None:  # runs from before compute was measured have none: the card says nothing
+        budget.update(gflop_per_image=float(f"{gflop_per_image:.6g}"),
+                      train_gflop=float(f"{budget['images'] * gflop_per_image:.6g}"))
     recipe = recipe_command(commands[stored["command"]], stored["command"], stored["options"])
     if budget["steps"] < stored["options"]["steps"]:  # stopped early (time limit): same curriculum, fewer steps
         recipe = recipe.replace(" --out ", f" --chunk {budget['steps']} --out ")

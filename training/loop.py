@@ -7,8 +7,10 @@ function of (seed, k, rank) too (:func:`training.data.batch_indices`); the saved
 EMA, optimizer moments and the step.
 
 Run directory:
-  config.json       resolved config (train recipe, loss, model, data, versions); checked on resume
-  log.jsonl         one JSON line every ``log_every`` steps (rank 0)
+  config.json       resolved config (train recipe, loss, model, data, versions; checked on resume) and
+                    ``compute``: the training FLOPs per image of one step, measured when the run starts
+                    (:func:`training.flops.training_flops`)
+  log.jsonl         one JSON line every ``log_every`` steps (rank 0), with ``train_gflop`` = images x GFLOP/image
   state.json + state-<step>.safetensors   resumable state (:mod:`training.state`)
   ema.safetensors   latest evaluation-EMA model (``restore.engine.checkpoints.save_model``; load with
                     ``restore.load_model``)
@@ -39,6 +41,7 @@ from restore.records.provenance import environment
 from restore.runtime import distributed
 from restore.runtime.progress import progress_bar
 from training.data import ImageData, batch_indices
+from training.flops import MEASURE_BATCH, training_flops
 from training.state import has_state, load_state, save_state
 
 __all__ = ["TrainConfig", "TrainResult", "train", "step_generator", "ema_beta", "RUNTIME_FIELDS"]
@@ -102,6 +105,7 @@ class TrainResult:
     images: int  # training images seen so far (all ranks)
     finished: bool  # step == config.steps
     run_dir: Path
+    train_gflop: float | None = None  # images x the measured GFLOP per image (rank 0; None elsewhere)
 
 
 def step_generator(seed: int, step: int, rank: int = 0, device="cpu") -> torch.Generator:
@@ -198,15 +202,22 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
 
     described = _describe(model, loss, data, config, meta)
     config_path = run_dir / "config.json"
-    step, images = 0, 0
+    step, images, compute = 0, 0, None
     if has_state(run_dir):
-        _check_resume(json.loads(config_path.read_text()), described)
+        stored = json.loads(config_path.read_text())
+        _check_resume(stored, described)
+        compute = stored.get("compute")  # measured when the run started (absent in runs from before measuring)
         state = load_state(run_dir, model=model, ema=ema, optimizer=optimizer)
         step, images = state["step"], state["images"]
     if world > 1:
         dist.barrier()  # every rank has read config.json before rank 0 rewrites it
     if is_main:
-        config_path.write_text(json.dumps({**described, "environment": environment()}, indent=1))
+        if compute is None:  # on a deep copy, own generator, forked RNG: the run's stream and weights are untouched
+            compute = training_flops(model, loss, data, step=step, seed=config.seed, bf16=config.bf16,
+                                     channels_last=config.channels_last, device=device,
+                                     batch=min(MEASURE_BATCH, config.batch // world))
+        config_path.write_text(json.dumps({**described, "compute": compute, "environment": environment()}, indent=1))
+    gflop_per_image = compute["gflop_per_image"] if compute else None
 
     previous_autocast = model.autocast_dtype
     if config.bf16:
@@ -268,7 +279,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
                     window["sums"][name] = window["sums"].get(name, 0.0) + value.detach()
 
                 if step % config.log_every == 0 or step == end:
-                    record = _log_record(window, step, images, lr, loss, config, world, device)
+                    record = _log_record(window, step, images, lr, loss, config, world, device, gflop_per_image)
                     if not math.isfinite(record["loss"]):
                         raise FloatingPointError(f"non-finite loss {record['loss']} at step {step}")
                     if is_main:
@@ -291,11 +302,12 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
         model.autocast_dtype = previous_autocast
     if step % config.ckpt_every:  # otherwise the last step already saved (or nothing ran)
         checkpoint(snapshot=step == config.steps)
-    return TrainResult(step=step, images=images, finished=step >= config.steps, run_dir=run_dir)
+    return TrainResult(step=step, images=images, finished=step >= config.steps, run_dir=run_dir,
+                       train_gflop=None if gflop_per_image is None else images * gflop_per_image)
 
 
 def _log_record(window: dict, step: int, images: int, lr: float, loss, config: TrainConfig, world: int,
-                device: torch.device) -> dict:
+                device: torch.device, gflop_per_image: float | None = None) -> dict:
     names = sorted(window["sums"])
     means = torch.stack([torch.as_tensor(window["sums"][n], dtype=torch.float64, device=device) for n in names])
     means = means / max(1, window["steps"])
@@ -305,6 +317,8 @@ def _log_record(window: dict, step: int, images: int, lr: float, loss, config: T
     seconds = time.perf_counter() - window["t"]
     record = {"step": step, "images": images, **dict(zip(names, means.tolist())), "lr": lr,
               "images_per_s": window["steps"] * config.batch / max(seconds, 1e-9), "time": time.time()}
+    if gflop_per_image is not None:  # rank 0, which measured it (only rank 0 writes the log)
+        record["train_gflop"] = images * gflop_per_image
     if hasattr(loss, "num_points"):
         record["num_points"] = loss.num_points(step - 1)
     return record
