@@ -1,5 +1,5 @@
-"""`restore-train` command line: train BCMs (BCT), consistency models (iCT), EDM diffusion priors and the
-supervised conditional baselines (Palette, I2SB; one model per ``--operator``, pairs made on the fly).
+"""`restore-train` command line: train BCMs (BCT, or BCD with ``--teacher``), consistency models (iCT), EDM diffusion
+priors and the supervised conditional baselines (Palette, I2SB; one model per ``--operator``, pairs made on the fly).
 
 Every subcommand is the shared option set (:func:`_common_options`) plus a ``build(opts, shape) -> (model,
 loss)`` function; adding a model family is one such function and one decorated command.
@@ -23,8 +23,8 @@ from click.core import ParameterSource
 from baselines.i2sb import I2SB
 from baselines.palette import Palette
 from restore.datasets import DATASETS
-from restore.engine.checkpoints import load_model
-from restore.engine.networks.unet import UNet, UNetConfig
+from restore.engine.checkpoints import load_model, read_metadata, weights_sha256
+from restore.engine.networks.unet import PRESETS, UNet, UNetConfig
 from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 from restore.records.fairness import (
     COMPUTE_TOLERANCE,
@@ -37,10 +37,10 @@ from restore.records.fairness import (
 from restore.runtime import distributed
 from training.data import ImageData, training_images
 from training.export import export_run
-from training.finetune import bcm_from_cm
+from training.finetune import bcm_from_cm, bcm_from_edm
 from training.flops import MEASURE_BATCH, training_flops
 from training.loop import TrainConfig, train
-from training.losses import BCTLoss, EDMLoss, ICTLoss
+from training.losses import BCDLoss, BCTLoss, EDMLoss, ICTLoss
 from training.paired import I2SBLoss, PaletteLoss
 
 # Options describing where/how long/how to run, never stored as part of the run's identity.
@@ -55,6 +55,7 @@ def main() -> None:
     Examples:
       restore-train bcm --data cifar10 --out runs/bcm --preset cifar-small --steps 20000 --batch 128 --bf16
       restore-train bcm --out runs/bcm --steps 40000          # continue / extend the same run
+      restore-train bcm --teacher edm-cifar10 --data cifar10 --out runs/bcd --preset cifar-tiny --bf16   # distil
       restore-train palette --operator jpeg:quality=10 --data cifar10 --out runs/palette-jpeg10 --bf16
       torchrun --nproc_per_node 2 -m training edm --data cifar10 --out runs/edm --steps 1000
     """
@@ -180,14 +181,18 @@ def _new_net(config: UNetConfig, seed: int) -> UNet:
         return UNet(config)
 
 
-def _from_checkpoint(opts: dict, shape, wrapper_types: tuple[type, ...]):
-    model = load_model(opts["init"])
+def _from_checkpoint(opts: dict, shape, wrapper_types: tuple[type, ...], option: str = "init"):
+    """The checkpoint named by ``--init`` (or ``--teacher``, ``option="teacher"``), checked against the wrapper types
+    and the data's image shape, with ``--dropout`` applied."""
+    spec = opts[option]
+    model = load_model(spec)
+    flag = f"--{option} {spec}"
     if not isinstance(model, wrapper_types):
         names = " or ".join(t.__name__ for t in wrapper_types)
-        raise ValueError(f"--init {opts['init']}: a {type(model).__name__} checkpoint, this command needs {names}")
+        raise ValueError(f"{flag}: a {type(model).__name__} checkpoint, this command needs {names}")
     cfg = model.net.config
     if (cfg.in_channels, cfg.img_resolution, cfg.img_resolution) != tuple(shape):
-        raise ValueError(f"--init {opts['init']}: network is for {cfg.in_channels}x{cfg.img_resolution}^2 images, "
+        raise ValueError(f"{flag}: network is for {cfg.in_channels}x{cfg.img_resolution}^2 images, "
                          f"data are {'x'.join(map(str, shape))}")
     if opts["dropout"] is not None:
         net = UNet(dataclasses.replace(cfg, dropout=opts["dropout"], dropout_lowres=None))
@@ -197,19 +202,29 @@ def _from_checkpoint(opts: dict, shape, wrapper_types: tuple[type, ...]):
     return model
 
 
-def _consistency_loss(cls, opts: dict):
+def _consistency_loss(cls, opts: dict, **extra):
     return cls(total_steps=opts["curriculum_steps"], s0=opts["s0"], s1=opts["s1"], fixed_scales=opts["fixed_scales"],
-               huber_c=opts["huber_c"], p_mean=opts["p_mean"], p_std=opts["p_std"])
+               huber_c=opts["huber_c"], p_mean=opts["p_mean"], p_std=opts["p_std"], **extra)
 
 
 def _build_bcm(opts: dict, shape):
+    """BCT, or BCD with ``--teacher`` (docs/methods.md#bidirectional-consistency-distillation): the EDM teacher makes
+    the adjacent pair, and the student starts from the teacher's weights with the identity u-path unless ``--init``."""
+    teacher = _from_checkpoint(opts, shape, (EDMDenoiser,), option="teacher") if opts.get("teacher") else None
+    if teacher is not None and type(teacher) is not EDMDenoiser:
+        raise ValueError(f"--teacher {opts['teacher']}: a {teacher.kind} model; the teacher must be an EDM denoiser")
     if opts["init"]:
         model = _from_checkpoint(opts, shape, (BCM, ConsistencyModel))
         if isinstance(model, ConsistencyModel):
             model = bcm_from_cm(model)
+    elif teacher is not None:
+        model = bcm_from_edm(teacher)
     else:
         model = BCM(_new_net(_net_config(opts, shape, bidirectional=True), opts["seed"]))
-    return model, _consistency_loss(BCTLoss, opts)
+    if teacher is None:
+        return model, _consistency_loss(BCTLoss, opts)
+    return model, _consistency_loss(BCDLoss, opts, teacher=teacher, teacher_name=str(opts["teacher"]),
+                                    teacher_sha256=weights_sha256(opts["teacher"]))
 
 
 def _build_ct(opts: dict, shape):
@@ -285,6 +300,8 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
         raise click.UsageError("--match-compute needs --match MODEL")
     if opts["match"]:
         opts = _match(ctx, opts)
+    if opts.get("teacher") and not opts["init"]:
+        opts["preset"] = _teacher_preset(opts["teacher"], opts["preset"] if "preset" in _explicit(ctx, opts) else None)
     if opts["images"] is not None:
         if ctx.get_parameter_source("steps") == ParameterSource.COMMANDLINE:
             raise click.UsageError("give --steps or --images, not both")
@@ -295,6 +312,32 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
         if opts["fixed_scales"] is None and opts["init"]:
             opts["fixed_scales"] = 320
     return opts
+
+
+def _teacher_preset(teacher: str, requested: str | None) -> str | None:
+    """The preset a student distilled from ``teacher`` has (it takes the teacher's network): ``requested`` if it is
+    the teacher's architecture (error otherwise), else the first preset that is, else None (the recipe then has no
+    --preset). Compared up to resolution, channels and dropout, which follow the data and --dropout."""
+    try:
+        cfg = UNetConfig.from_dict(read_metadata(teacher)["unet"])
+    except ValueError as e:
+        raise click.UsageError(f"--teacher: {e}") from None
+
+    def matches(name: str) -> bool:
+        try:
+            preset = UNetConfig.preset(name, img_resolution=cfg.img_resolution, in_channels=cfg.in_channels,
+                                       out_channels=cfg.out_channels, dropout=cfg.dropout,
+                                       dropout_lowres=cfg.dropout_lowres, bidirectional=False)
+        except ValueError:
+            return False
+        return preset == cfg
+
+    if requested is not None:
+        if not matches(requested):
+            raise click.UsageError(f"--preset {requested} is not the network of --teacher {teacher}: a distilled "
+                                   "student takes the teacher's network (omit --preset)")
+        return requested
+    return next((name for name in PRESETS if matches(name)), None)
 
 
 def _explicit(ctx: click.Context, opts: dict) -> set[str]:
@@ -404,16 +447,23 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
 @click.pass_context
 @_common_options(lr=1e-4, optimizer="radam")
 @_consistency_options(p_mean=-1.1, p_std=2.0)
+@click.option("--teacher", metavar="NAME|PATH",
+              help="Distil from this EDM denoiser (bundled name or checkpoint): BCD, the BCT loss with the adjacent "
+                   "pair made by one Heun step of the teacher's PF ODE; the student starts from the teacher's "
+                   "network (identity u-path) unless --init is given. Recorded in the run and its model card.")
 def bcm(ctx, **opts):
     """Bidirectional consistency training (BCT, Li & He 2024) of a BCM.
 
     From scratch with the iCT curriculum, or fine-tuned from a consistency model with --init (BCF: u-path
-    initialised to the identity, N fixed at 320 intervals).
+    initialised to the identity, N fixed at 320 intervals). With --teacher: bidirectional consistency distillation
+    (BCD): the same loss with the adjacent pair made by one Heun step of the EDM teacher, student initialised from
+    the teacher's network (identity u-path) unless --init is given; 2 teacher forwards per training image.
 
     \b
     Examples:
       restore-train bcm --data cifar10 --out runs/bcm --preset cifar-small --steps 20000 --batch 128 --bf16
       restore-train bcm --data cifar10 --out runs/bcf --init runs/ct/ema.safetensors --steps 5000
+      restore-train bcm --teacher edm-cifar10 --data cifar10 --out runs/bcd --preset cifar-tiny --batch 32 --bf16
     """
     _run(ctx, "bcm", opts, _build_bcm)
 

@@ -1,5 +1,5 @@
-"""Training losses: EDM denoising score matching, improved consistency training (iCT) and
-bidirectional consistency training (BCT).
+"""Training losses: EDM denoising score matching, improved consistency training (iCT), bidirectional consistency
+training (BCT) and bidirectional consistency distillation (BCD, BCT with an EDM teacher making the adjacent pair).
 
 Every loss is a small frozen dataclass (its fields are the recipe, written next to every run) called as
 ``loss(model, x, *, step, generator=None, **cond) -> (B,)`` per-sample values; ``loss.terms(...)`` returns the
@@ -11,20 +11,22 @@ curriculum), ``generator`` the only source of randomness (noise levels, noise, d
 Dropout: each loss draws one seed from ``generator`` and runs all its network passes inside
 ``model.net.dropout_seed(seed)``, so the online and target passes of a step see identical dropout masks
 (docs/methods.md#bct) without touching the global RNG. Nets without ``dropout_seed`` are accepted only if they have no
-active ``nn.Dropout``.
+active ``nn.Dropout``. A teacher (BCD) runs in eval mode, without dropout and without gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from operators.utils import randn
+from restore.engine.sampling import pf_ode_step
 from restore.engine.schedules import karras_sigmas
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "ConsistencyLoss",
     "ICTLoss",
     "BCTLoss",
+    "BCDLoss",
     "EDMLoss",
 ]
 
@@ -104,7 +107,8 @@ class ConsistencyLoss:
     Per sample (docs/methods.md#bct):
       1. grid t_0 < … < t_{N−1} (Karras, ρ), N = :meth:`num_points` (curriculum or fixed);
       2. interval n ~ lognormal weights p (without the last interval if ``exclude_last_interval``),
-         t = t_{n+1}, t′ = t_n; x_t = x + t·z, x_{t′} = x + t′·z with the same z;
+         t = t_{n+1}, t′ = t_n; the adjacent pair (:meth:`adjacent_pair`): x_t = x + t·z, x_{t′} = x + t′·z with the
+         same z (consistency training; :class:`BCDLoss` makes x_{t′} with a teacher instead);
       3. CT: λ·d(f_θ(x_t, t, σ_min), y*), y* = f_{θ⁻}(x_{t′}, t′, σ_min) detached, λ = 1/(t − t′);
       4. BCT (``bidirectional``): m ~ p over all intervals with m ≠ n+1, u = t_m (below or above t);
          λ′·d(f_{θ⁻}(f_θ(x_t, t, u), u, σ_min), y*), λ′ = 1/|u − t|; gradient through θ⁻'s input only.
@@ -147,8 +151,19 @@ class ConsistencyLoss:
         n = self.num_points(step)
         return karras_sigmas(n, sigma_min, sigma_max, self.rho, append_zero=False, device=device).flip(0)
 
+    # Names of the two terms in ``terms()`` (and in the training log).
+    term_names = ("ct", "bct")
+
+    def adjacent_pair(self, model, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                      **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adjacent pair (x_t, x_{t′}) of the CT term; ``t``, ``t_prev`` (B,) in x's dtype, t′ < t.
+
+        Consistency training: x_t = x + t·z and x_{t′} = x + t′·z with the same z, i.e. one Euler step of the PF ODE
+        from t to t′ with the "x0 = x" oracle (iCT Eq. 7). Subclasses change only this (:class:`BCDLoss`)."""
+        return x + _bshape(t, x) * z, x + _bshape(t_prev, x) * z
+
     def terms(self, model, x: torch.Tensor, *, step: int, generator: torch.Generator | None = None, **cond):
-        """{"ct": (B,)} or {"ct": (B,), "bct": (B,)} (see the class docstring)."""
+        """{"ct": (B,)} or {"ct": (B,), "bct": (B,)} (see the class docstring; names from ``term_names``)."""
         batch = x.shape[0]
         grid = self.grid(step, model.sigma_min, model.sigma_max, device=x.device)
         p = lognormal_interval_weights(grid, self.p_mean, self.p_std)
@@ -162,14 +177,13 @@ class ConsistencyLoss:
         t, t_prev = grid[n + 1], grid[n]
         z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
         t32, t_prev32 = t.to(x.dtype), t_prev.to(x.dtype)
-        x_t = x + _bshape(t32, x) * z
-        x_prev = x + _bshape(t_prev32, x) * z
+        x_t, x_prev = self.adjacent_pair(model, x, z, t32, t_prev32, **cond)
 
         out = {}
         with _dropout_sync(model, seed):
             y_star = _target(model, x_prev, t_prev32, **cond).detach()
             online = model(x_t, t32, **cond)
-            out["ct"] = (1 / (t - t_prev)).to(x.dtype) * pseudo_huber(online, y_star, self.huber_c)
+            out[self.term_names[0]] = (1 / (t - t_prev)).to(x.dtype) * pseudo_huber(online, y_star, self.huber_c)
             if self.bidirectional:
                 # u = t_m, m ~ p over every interval's left end t_0..t_{N-2}, excluding the index of t itself.
                 cols = torch.arange(p.numel(), device=x.device)
@@ -179,7 +193,7 @@ class ConsistencyLoss:
                 u32 = u.to(x.dtype)
                 x_u = model.jump(x_t, t32, u32, **cond)
                 back = _target(model, x_u, u32, **cond)
-                out["bct"] = (1 / (u - t).abs()).to(x.dtype) * pseudo_huber(back, y_star, self.huber_c)
+                out[self.term_names[1]] = (1 / (u - t).abs()).to(x.dtype) * pseudo_huber(back, y_star, self.huber_c)
         return out
 
     def __call__(self, model, x: torch.Tensor, *, step: int, generator: torch.Generator | None = None, **cond):
@@ -202,6 +216,86 @@ class BCTLoss(ConsistencyLoss):
 
     bidirectional: bool = True
     exclude_last_interval: bool = True
+
+
+@contextlib.contextmanager
+def _autocast_as(teacher, model) -> Iterator[None]:
+    """Run ``teacher`` with the student's autocast setting (``--bf16`` covers both networks); restored after."""
+    if not hasattr(teacher, "autocast_dtype"):
+        yield
+        return
+    previous = teacher.autocast_dtype
+    teacher.autocast_dtype = getattr(model, "autocast_dtype", None)
+    try:
+        yield
+    finally:
+        teacher.autocast_dtype = previous
+
+
+@dataclass(frozen=True)
+class BCDLoss(BCTLoss):
+    """Bidirectional consistency distillation (BCD; ours, docs/methods.md#bidirectional-consistency-distillation):
+    the BCT loss with the consistency-training pair replaced by one Heun step of a pretrained EDM teacher's PF ODE
+    (the bidirectional analogue of consistency distillation, Song et al. 2023 Alg. 2, and of CTM, Kim et al. 2024).
+
+    Everything but the pair is :class:`ConsistencyLoss` with the BCT defaults: grid, curriculum N(k), lognormal
+    interval weights, λ = 1/(t − t′) and λ′ = 1/|u − t|, pseudo-Huber d, target θ⁻ = sg(θ), u drawn below or above
+    t, the same random draws in the same order (dropout seed, n, z, m). Per sample, with D the teacher:
+
+        x_t    = x + t·z                                             (the data marginal at t, as in BCT)
+        d      = (x_t − D(x_t; t))/t,   x̃ = x_t + (t′ − t)·d
+        x_{t′} = x_t + (t′ − t)·(d + (x̃ − D(x̃; t′))/t′)/2           (Heun, `restore.engine.sampling.pf_ode_step`)
+        y*     = sg[f_{θ⁻}(x_{t′}, t′, σ_min)]
+        L      = 1/(t − t′)·d(f_θ(x_t, t, σ_min), y*)                               (denoising direction, "cd")
+               + 1/|u − t|·d(f_{θ⁻}(f_θ(x_t, t, u), u, σ_min), y*)               (both directions, u ≷ t, "bcd")
+
+    The teacher call is under ``torch.no_grad()``, in eval mode (no dropout), with the student's autocast dtype
+    (``--bf16``); it is moved to the batch's device on first use. Cost: 2 teacher forwards (no backward) per
+    training image, on top of BCT's 4 student forwards and backward.
+
+    Deviations (from BCT, and from consistency distillation):
+      - the inversion direction (u > t) has no pair of its own: as in BCT, the bidirectional term maps
+        f_θ(x_t, t, u) back to σ_min and compares with the same y*, so it inherits the teacher's pair through y*;
+      - BCT's curriculum N(k), weights λ and "no t = σ_max in the pair" are kept (CD uses a fixed N = 18, λ = 1 and
+        includes σ_max); target EMA 0 (CD: 0.95 or more);
+      - x_t is drawn from the data marginal (x + t·z), not from the teacher's ODE trajectory (as in CD);
+      - the teacher's label convention is the toolkit's 250·ln σ, like every network here.
+
+    Fields beyond BCT's: ``teacher`` (an ``EDMDenoiser`` or any ``teacher(x, sigma)`` x0-predictor; not part of the
+    recipe dict), ``teacher_name`` (bundled name or checkpoint path) and ``teacher_sha256``
+    (`restore.engine.checkpoints.weights_sha256`), both recorded in ``to_dict()`` and checked on resume.
+    """
+
+    teacher: nn.Module | None = field(default=None, compare=False, repr=False)
+    teacher_name: str | None = None
+    teacher_sha256: str | None = None
+
+    term_names = ("cd", "bcd")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher is None:
+            raise ValueError("BCDLoss needs a teacher (an EDM denoiser)")
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.eval().requires_grad_(False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "teacher"}
+
+    def adjacent_pair(self, model, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                      **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t = x + t·z and x_{t′} = one Heun step of the teacher's PF ODE from (x_t, t) to t′ (class docstring)."""
+        x_t = x + _bshape(t, x) * z
+        teacher = self.teacher
+        if isinstance(teacher, nn.Module):
+            ref = next(teacher.parameters(), None)
+            if ref is not None and ref.device != x.device:
+                teacher.to(x.device)
+            if teacher.training:
+                teacher.eval()
+        with torch.no_grad(), _autocast_as(teacher, model):
+            x_prev, _ = pf_ode_step(teacher, x_t, t, t_prev, extra_args=cond)
+        return x_t, x_prev.to(x.dtype)
 
 
 @dataclass(frozen=True)

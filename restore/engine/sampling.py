@@ -12,6 +12,9 @@ All are free functions with a k-diffusion-style signature
   the jump result x_u for plans).
 - ``extra_args``: keyword arguments for the model (``class_labels=...``, ``cond=...``).
 
+`pf_ode_step` is the single Euler / Heun step of the PF ODE (per-image noise levels allowed) that the ODE samplers
+and the distillation loss (`training.losses.BCDLoss`) share.
+
 No ``torch.no_grad``: callers pick ``torch.inference_mode()`` when they do not need gradients.
 """
 
@@ -113,22 +116,52 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: floa
     return x + (sigma_next - sigma) * eps
 
 
+def _level(v, x: torch.Tensor):
+    """A noise level as used by the step arithmetic: Python floats unchanged, tensors () or (B,) broadcast to x."""
+    if isinstance(v, torch.Tensor):
+        v = v.to(device=x.device, dtype=x.dtype)
+        return v.reshape(-1, *(1,) * (x.ndim - 1)) if v.ndim == 1 else v
+    return v
+
+
+def pf_ode_step(model, x: torch.Tensor, sigma, sigma_next, *, second_order: bool = True,
+                extra_args: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler or Heun step of the PF ODE dx/dsigma = (x - D(x; sigma))/sigma (Karras et al. 2022, Eq. 3 and
+    Algorithm 1), from ``sigma`` to ``sigma_next`` (either direction); the one place the Heun step is written:
+
+        d = (x - D(x; sigma))/sigma,  x' = x + (sigma_next - sigma) d                       (Euler, 1 NFE)
+        d' = (x' - D(x'; sigma_next))/sigma_next,  x_next = x + (sigma_next - sigma)(d + d')/2   (Heun, 2 NFE)
+
+    A step that lands on sigma_next = 0 stays Euler (Algorithm 1, line 8). ``sigma``, ``sigma_next``: floats or
+    tensors of shape () or (B,) (one level per image, as in distillation, `training.losses.BCDLoss`); per-image
+    levels must be all zero or all non-zero at ``sigma_next``. Returns ``(x_next, denoised)``, denoised = D(x; sigma).
+    """
+    extra_args = extra_args or {}
+    denoised = model(x, sigma, **extra_args)
+    s, s_next = _level(sigma, x), _level(sigma_next, x)
+    d = (x - denoised) / s  # evaluate dx/dsigma at (x_i, sigma_i)
+    x_next = ddim_step(x, d, s, s_next)  # Euler step (d = eps_hat in EDM coordinates)
+    if isinstance(sigma_next, torch.Tensor):
+        landing = bool((sigma_next == 0).any())
+        if landing and not bool((sigma_next == 0).all()):
+            raise ValueError("per-image sigma_next must be all zero or all non-zero")
+    else:
+        landing = sigma_next == 0
+    if second_order and not landing:
+        d_prime = (x_next - model(x_next, sigma_next, **extra_args)) / s_next
+        x_next = x + (s_next - s) * (d + d_prime) / 2  # apply the 2nd-order (trapezoidal) correction
+    return x_next, denoised
+
+
 def _probability_flow(model, x: torch.Tensor, sigmas, second_order: bool, callback: Callback,
                       extra_args: dict | None) -> torch.Tensor:
     """Integrate dx/dsigma = (x - D(x; sigma))/sigma (Karras et al. 2022, Eq. 3 with sigma(t) = t) along
-    ``sigmas`` (either direction) with Euler or Heun steps (Algorithm 1). A step that lands on sigma = 0
-    stays a plain Euler step (Algorithm 1, line 8: no correction at sigma = 0)."""
-    extra_args = extra_args or {}
+    ``sigmas`` (either direction) with Euler or Heun steps (`pf_ode_step`, Algorithm 1)."""
     s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     for i, (sigma, sigma_next) in enumerate(zip(s[:-1], s[1:])):
-        denoised = model(x, sigma, **extra_args)
-        d = (x - denoised) / sigma  # evaluate dx/dsigma at (x_i, sigma_i)
+        x_next, denoised = pf_ode_step(model, x, sigma, sigma_next, second_order=second_order, extra_args=extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
-        x_next = ddim_step(x, d, sigma, sigma_next)  # Euler step (d = eps_hat in EDM coordinates)
-        if second_order and sigma_next != 0:
-            d_prime = (x_next - model(x_next, sigma_next, **extra_args)) / sigma_next
-            x_next = x + (sigma_next - sigma) * (d + d_prime) / 2  # apply the 2nd-order (trapezoidal) correction
         x = x_next
     return x
 
