@@ -110,6 +110,11 @@ def test_compute_rule_and_its_tolerance_edges():
     assert "compute of ref is not recorded" in why
 
 
+def _rerun_recipe(recipe: str, out):
+    """Run a model card's recipe (``restore-train ... --out RUN_DIR``) as is, into ``out``."""
+    return _train(*shlex.split(recipe)[1:-2], "--out", out, "--no-progress")
+
+
 def test_match_trains_under_the_rules(reference, tmp_path, npz, single_thread):
     out = tmp_path / "palette"
     result = _train("palette", "--operator", "box:size=8", "--match", reference, "--out", out, "--no-progress")
@@ -123,8 +128,7 @@ def test_match_trains_under_the_rules(reference, tmp_path, npz, single_thread):
     assert again.exit_code == 0 and json.loads(again.output)["step"] == 3
     recipe = load_model(tmp_path / "palette.safetensors").card["recipe"]
     assert "--match" in recipe and "--steps 3" in recipe
-    words = shlex.split(recipe)[1:-2] + ["--out", str(tmp_path / "again"), "--no-progress"]
-    assert _train(*words).exit_code == 0
+    assert _rerun_recipe(recipe, tmp_path / "again").exit_code == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -159,8 +163,7 @@ def test_match_compute_picks_the_steps_that_match_the_compute(reference, tmp_pat
     assert again.exit_code == 0 and json.loads(again.output)["step"] == 9
     recipe = load_model(tmp_path / "edm.safetensors").card["recipe"]
     assert "--match-compute" in recipe and "--steps 9" in recipe
-    words = shlex.split(recipe)[1:-2] + ["--out", str(tmp_path / "again"), "--no-progress"]
-    assert _train(*words).exit_code == 0
+    assert _rerun_recipe(recipe, tmp_path / "again").exit_code == 0
 
 
 @pytest.mark.parametrize("args, message", [

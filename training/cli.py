@@ -380,16 +380,18 @@ def _match(ctx: click.Context, opts: dict) -> dict:
     return opts
 
 
-def _match_compute(ctx: click.Context, opts: dict, model, loss, data: ImageData) -> dict:
+def _match_compute(ctx: click.Context, opts: dict, model, loss, data: ImageData) -> tuple[dict, dict]:
     """``--match-compute``: the number of steps whose training compute, measured for this model and loss with the
     run's settings exactly as the trainer will measure it (:func:`training.flops.training_flops`), is closest to the
-    reference's; refused when whole batches cannot land within ±10 % or --steps / --images say otherwise."""
+    reference's; refused when whole batches cannot land within ±10 % or --steps / --images say otherwise.
+    Returns the options and the measured compute record (the trainer keeps it instead of measuring again)."""
     name, batch = opts["match"], opts["batch"]
     ref = training_record(name)
     _, world, device = distributed.setup(None if opts["device"] == "auto" else opts["device"])
-    per_image = training_flops(model, loss, data, seed=opts["seed"], bf16=opts["bf16"],
-                               channels_last=opts["channels_last"], device=device,
-                               batch=min(MEASURE_BATCH, batch // world))["gflop_per_image"]
+    compute = training_flops(model, loss, data, seed=opts["seed"], bf16=opts["bf16"],
+                             channels_last=opts["channels_last"], device=device,
+                             batch=min(MEASURE_BATCH, batch // world))
+    per_image = compute["gflop_per_image"]
     steps = max(1, round(ref.train_gflop / (per_image * batch)))
     total = steps * batch * per_image
     budget = (f"{steps} steps of {batch} ({format_gflop(total)} training GFLOP at {per_image:.4g} per image, "
@@ -405,7 +407,7 @@ def _match_compute(ctx: click.Context, opts: dict, model, loss, data: ImageData)
     opts = {**opts, "steps": steps}
     if "curriculum_steps" in opts and "curriculum_steps" not in explicit:
         opts["curriculum_steps"] = steps  # the curriculum spans the run, as without --match-compute
-    return opts
+    return opts, compute
 
 
 def _check_match(opts: dict, model) -> None:
@@ -422,8 +424,9 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
         data = ImageData(images)
         model, loss = build(opts, data.shape)
         _check_match(opts, model)
+        compute = None
         if opts["match_compute"]:
-            opts = _match_compute(ctx, opts, model, loss, data)
+            opts, compute = _match_compute(ctx, opts, model, loss, data)
             model, loss = build(opts, data.shape)  # again, for a loss whose curriculum follows the chosen steps
         config = TrainConfig(
             steps=opts["steps"], batch=opts["batch"], lr=opts["lr"], optimizer=opts["optimizer"],
@@ -435,7 +438,8 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
         result = train(model, loss, data, config, opts["out"], meta={"cli": {"command": command, "options": stored}},
                        max_steps=opts["chunk"],
                        time_limit=None if opts["time_limit"] is None else 60 * opts["time_limit"],
-                       device=None if opts["device"] == "auto" else opts["device"], progress=opts["progress"])
+                       device=None if opts["device"] == "auto" else opts["device"], progress=opts["progress"],
+                       compute=compute)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "images": result.images,

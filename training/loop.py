@@ -39,6 +39,7 @@ from operators.utils import image_seed
 from restore.engine.checkpoints import save_model
 from restore.records.provenance import environment
 from restore.runtime import distributed
+from restore.runtime.files import write_text_atomic
 from restore.runtime.progress import progress_bar
 from training.data import ImageData, batch_indices
 from training.flops import MEASURE_BATCH, training_flops
@@ -176,14 +177,15 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path, *,
           meta: dict | None = None, max_steps: int | None = None, time_limit: float | None = None,
-          device=None, progress: bool = True) -> TrainResult:
+          device=None, progress: bool = True, compute: dict | None = None) -> TrainResult:
     """Train ``model`` (a restore.engine.wrappers wrapper, modified in place) with ``loss`` on ``data`` (an
     :class:`~training.data.ImageData` or anything it accepts: uint8 NHWC array, float NCHW tensor in [-1, 1]).
 
     Resumes from ``run_dir`` when it holds a state (the recipe must match, :data:`RUNTIME_FIELDS` may differ)
     and stops at ``config.steps``, after ``max_steps`` steps of this call, or once ``time_limit`` seconds have
     passed — saving the state in every case (and on Ctrl-C), so calling again continues exactly.
-    ``meta``: extra JSON-able entries for config.json (e.g. the CLI's options).
+    ``meta``: extra JSON-able entries for config.json (e.g. the CLI's options). ``compute``: the run's
+    :func:`training.flops.training_flops` record when the caller already measured it (else measured here).
     """
     data = data if isinstance(data, ImageData) else ImageData(data)
     rank, world, device = distributed.setup(device)
@@ -202,11 +204,11 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
 
     described = _describe(model, loss, data, config, meta)
     config_path = run_dir / "config.json"
-    step, images, compute = 0, 0, None
+    step, images = 0, 0
     if has_state(run_dir):
         stored = json.loads(config_path.read_text())
         _check_resume(stored, described)
-        compute = stored.get("compute")  # measured when the run started (absent in runs from before measuring)
+        compute = stored.get("compute") or compute  # measured when the run started (absent in older runs)
         state = load_state(run_dir, model=model, ema=ema, optimizer=optimizer)
         step, images = state["step"], state["images"]
     if world > 1:
@@ -216,7 +218,8 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
             compute = training_flops(model, loss, data, step=step, seed=config.seed, bf16=config.bf16,
                                      channels_last=config.channels_last, device=device,
                                      batch=min(MEASURE_BATCH, config.batch // world))
-        config_path.write_text(json.dumps({**described, "compute": compute, "environment": environment()}, indent=1))
+        write_text_atomic(json.dumps({**described, "compute": compute, "environment": environment()}, indent=1),
+                          config_path)
     gflop_per_image = compute["gflop_per_image"] if compute else None
 
     previous_autocast = model.autocast_dtype
