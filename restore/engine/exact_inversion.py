@@ -45,7 +45,7 @@ def _levels(sigmas, descending: bool, zero_start: bool = False) -> list[float]:
     return [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
 
 
-__all__ = ["DDIM_CONVENTIONS", "bdia_invert", "bdia_sample", "ddim_invert", "ddim_sample", "ddim_step", "edict_invert",
+__all__ = ["DDIM_CONVENTIONS", "bdia_invert", "bdia_sample", "ddim_invert", "ddim_sample", "edict_invert",
            "edict_sample", "obelm_gammas"]
 
 
