@@ -268,5 +268,50 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     click.echo(json.dumps({"out": str(out), "rows": len(frame)}), err=True)
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="points.csv to write (kept and extended: scored snapshots are skipped).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the curves to this PNG.")
+@click.option("--reference", default="cifar10:train", show_default=True,
+              help="FID reference: NAME:SPLIT or a path (its first --n images).")
+@click.option("--test", default="cifar10:test", show_default=True,
+              help="Images to invert (BCM) and to restore (Palette, I2SB): NAME:SPLIT or a path (first --n).")
+@click.option("--n", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Samples, reference and test images per snapshot.")
+@click.option("--edm-nfe", type=click.IntRange(min=1), default=35, show_default=True, help="EDM Heun sampler NFE.")
+@click.option("--bcm-nfe", "bcm_nfes", default="1,2", show_default=True, callback=_int_list,
+              help="BCM / CM sampling NFE budgets.")
+@click.option("--restore-nfe", type=click.IntRange(min=1), default=100, show_default=True,
+              help="NFE of Palette / I2SB restorations.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, ...")
+def curve(runs: tuple[Path, ...], out: Path, plot: Path | None, reference: str, test: str, n: int, edm_nfe: int,
+          bcm_nfes: list[int], restore_nfe: int, batch_size: int, device: str) -> None:
+    """Learning curves: score every EMA snapshot of each training run RUNS (restore-train --ckpt-every) and put it
+    on the run's measured training compute (benchmarks.curves): FID/KID (EDM, BCM, CM samples; Palette / I2SB
+    restorations), BCM inversion MSE, restoration PSNR.
+
+    \b
+    Example:
+      restore-bench curve runs/edm runs/bcd --out docs/results/training/points.csv --plot curves.png
+    """
+    import torch
+
+    from benchmarks.curves import CurveSettings, learning_curves, plot_curves
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = CurveSettings(reference=reference, test=test, n=n, edm_nfe=edm_nfe, bcm_nfe=bcm_nfes,
+                             restore_nfe=restore_nfe, batch_size=batch_size, device=device)
+    try:
+        frame = learning_curves(runs, out, settings)
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    if plot is not None:
+        plot_curves(frame, plot)
+    click.echo(json.dumps({"out": str(out), "rows": len(frame)}))
+
+
 if __name__ == "__main__":
     main()

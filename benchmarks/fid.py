@@ -271,13 +271,14 @@ def inception_features(
     """Inception pool3 features, float32 ``(N, 2048)``, exactly as torch-fidelity extracts them.
 
     The extractor takes uint8 images of any size and resizes them to 299x299 internally with its
-    TF1-compatible bilinear interpolation; we call it directly in batches (no DataLoader workers).
+    TF1-compatible bilinear interpolation; we call it directly in batches (no DataLoader workers). On a GPU the
+    convolutions run in full float32 (cuDNN's TF32 off), so the features match the CPU's to float32 rounding.
     """
     u8 = as_uint8(images)
     extractor = inception_extractor(device, weights_path)
     dev = next(extractor.parameters()).device
     out = np.empty((len(u8), FEATURE_DIM), dtype=np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for i in range(0, len(u8), batch_size):
             (feats,) = extractor(u8[i : i + batch_size].to(dev))
             out[i : i + len(feats)] = feats.cpu().numpy()

@@ -34,6 +34,7 @@ from restore.records.fairness import (
     parameter_violation,
     training_record,
 )
+from restore.records.runs import CONFIG_JSON
 from restore.runtime import distributed
 from training.data import ImageData, training_images
 from training.export import export_run
@@ -119,6 +120,9 @@ def _common_options(*, lr: float, optimizer: str):
                      help="With --match: match MODEL's training compute instead of its images: the number of steps "
                           "is MODEL's training GFLOP / (this run's measured GFLOP per image x batch), rounded, and "
                           "must land within ±10 % (MODEL's card must record its compute)."),
+        click.option("--budget-gflop", type=click.FloatRange(0, min_open=True), metavar="GFLOP",
+                     help="Training compute of the run instead of --steps / --images: the number of steps is GFLOP / "
+                          "(this run's measured GFLOP per image x batch), rounded (restore-train campaign uses it)."),
         click.option("--chunk", type=click.IntRange(min=1), metavar="N",
                      help="Stop after N steps in this invocation (re-run to continue)."),
         click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
@@ -284,7 +288,7 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
         opts["out"] = opts["resume"]
     if opts["out"] is None:
         raise click.UsageError("missing --out DIR (or --resume DIR)")
-    stored_path = Path(opts["out"]) / "config.json"
+    stored_path = Path(opts["out"]) / CONFIG_JSON
     if stored_path.is_file():
         stored = json.loads(stored_path.read_text()).get("cli")
         if stored is not None:
@@ -298,6 +302,8 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
         raise click.ClickException(f"{opts['resume']} holds no run (no config.json)")
     if opts["match_compute"] and not opts["match"]:
         raise click.UsageError("--match-compute needs --match MODEL")
+    if opts["budget_gflop"] and opts["match"]:
+        raise click.UsageError("--budget-gflop and --match set the budget both; use --match MODEL --match-compute")
     if opts["match"]:
         opts = _match(ctx, opts)
     if opts.get("teacher") and not opts["init"]:
@@ -348,7 +354,7 @@ def _explicit(ctx: click.Context, opts: dict) -> set[str]:
 def _match(ctx: click.Context, opts: dict) -> dict:
     """Options under the fairness rules against ``--match``: the reference's data, split and images seen
     (conflicting values are errors), its batch and preset unless given (the backbone is checked after building).
-    With ``--match-compute`` the number of steps is left to :func:`_match_compute`, which needs the built model."""
+    With ``--match-compute`` the number of steps is left to :func:`_compute_budget`, which needs the built model."""
     name = opts["match"]
     try:
         ref = training_record(name)
@@ -380,33 +386,37 @@ def _match(ctx: click.Context, opts: dict) -> dict:
     return opts
 
 
-def _match_compute(ctx: click.Context, opts: dict, model, loss, data: ImageData) -> tuple[dict, dict]:
-    """``--match-compute``: the number of steps whose training compute, measured for this model and loss with the
-    run's settings exactly as the trainer will measure it (:func:`training.flops.training_flops`), is closest to the
-    reference's; refused when whole batches cannot land within ±10 % or --steps / --images say otherwise.
-    Returns the options and the measured compute record (the trainer keeps it instead of measuring again)."""
-    name, batch = opts["match"], opts["batch"]
-    ref = training_record(name)
+def _compute_budget(ctx: click.Context, opts: dict, model, loss, data: ImageData) -> tuple[dict, dict]:
+    """``--budget-gflop`` or ``--match-compute``: the number of steps whose training compute, measured for this model
+    and loss with the run's settings exactly as the trainer will measure it (:func:`training.flops.training_flops`), is
+    closest to the budget (``--match-compute``: the reference's, refused when whole batches cannot land within ±10 %).
+    Refused when --steps / --images say otherwise. Returns the options and the measured compute record (the trainer
+    keeps it instead of measuring again)."""
+    batch = opts["batch"]
+    if opts["match_compute"]:
+        target, flag = training_record(opts["match"]).train_gflop, f"--match {opts['match']} --match-compute"
+        what = f"its {format_gflop(target)} training GFLOP"
+    else:
+        target, flag = opts["budget_gflop"], f"--budget-gflop {opts['budget_gflop']:g}"
+        what = f"{format_gflop(target)} training GFLOP"
     _, world, device = distributed.setup(None if opts["device"] == "auto" else opts["device"])
     compute = training_flops(model, loss, data, seed=opts["seed"], bf16=opts["bf16"],
                              channels_last=opts["channels_last"], device=device,
                              batch=min(MEASURE_BATCH, batch // world))
     per_image = compute["gflop_per_image"]
-    steps = max(1, round(ref.train_gflop / (per_image * batch)))
+    steps = max(1, round(target / (per_image * batch)))
     total = steps * batch * per_image
     budget = (f"{steps} steps of {batch} ({format_gflop(total)} training GFLOP at {per_image:.4g} per image, "
-              f"{total / ref.train_gflop - 1:+.1%})")
-    if compute_violation(total, ref):
-        raise click.UsageError(f"--match {name} --match-compute: whole batches of {batch} cannot come within "
-                               f"±{COMPUTE_TOLERANCE:.0%} of its {format_gflop(ref.train_gflop)} training GFLOP: "
-                               f"{budget}; choose a smaller --batch")
+              f"{total / target - 1:+.1%})")
+    if opts["match_compute"] and compute_violation(total, training_record(opts["match"])):
+        raise click.UsageError(f"{flag}: whole batches of {batch} cannot come within ±{COMPUTE_TOLERANCE:.0%} of "
+                               f"{what}: {budget}; choose a smaller --batch")
     explicit = _explicit(ctx, opts)
     if ("steps" in explicit or "images" in explicit) and opts["steps"] != steps:
-        raise click.UsageError(f"--match {name} --match-compute sets the budget to its "
-                               f"{format_gflop(ref.train_gflop)} training GFLOP: {budget}; drop --steps / --images")
+        raise click.UsageError(f"{flag} sets the budget to {what}: {budget}; drop --steps / --images")
     opts = {**opts, "steps": steps}
     if "curriculum_steps" in opts and "curriculum_steps" not in explicit:
-        opts["curriculum_steps"] = steps  # the curriculum spans the run, as without --match-compute
+        opts["curriculum_steps"] = steps  # the curriculum spans the run, as with a budget in steps
     return opts, compute
 
 
@@ -425,8 +435,8 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
         model, loss = build(opts, data.shape)
         _check_match(opts, model)
         compute = None
-        if opts["match_compute"]:
-            opts, compute = _match_compute(ctx, opts, model, loss, data)
+        if opts["match_compute"] or opts["budget_gflop"]:
+            opts, compute = _compute_budget(ctx, opts, model, loss, data)
             model, loss = build(opts, data.shape)  # again, for a loss whose curriculum follows the chosen steps
         config = TrainConfig(
             steps=opts["steps"], batch=opts["batch"], lr=opts["lr"], optimizer=opts["optimizer"],
@@ -543,6 +553,64 @@ def i2sb(ctx, **opts):
       restore-train i2sb --operator box:size=16 --data cifar10 --out runs/i2sb-box16 --preset cifar-small --bf16
     """
     _run(ctx, "i2sb", opts, _build_i2sb)
+
+
+@main.command()
+@click.option("--budget", "budget_gflop", type=click.FloatRange(0, min_open=True), required=True, metavar="GFLOP",
+              help="Training compute of every model (measured GFLOP, the fairness rules' compute budget).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, metavar="DIR",
+              help="Campaign folder: one run folder per model, campaign.json, models/ (the exported checkpoints).")
+@click.option("--data", default="cifar10", show_default=True, metavar="NAME|NPZ", help="Training images (as above).")
+@click.option("--tag", metavar="NAME", show_default="the --data name",
+              help="Suffix of the model names (edm-TAG, bcm-TAG, palette-TAG-jpeg10, ...).")
+@click.option("--preset", default="cifar-tiny", show_default=True, help="UNet preset of every model.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Batch of every model.")
+@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast (CPU and GPU).")
+@click.option("--limit-images", type=click.IntRange(min=1), metavar="N", help="Train on the first N images only.")
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Steps between saved states and EMA snapshots (the points of a learning curve).")
+@click.option("--only", metavar="NAME,...", help="Train only these members (default: the whole reference set).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Models trained at once (a GPU is under-used by one small model: try 8).")
+@click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
+              help="Stop every run (saving it) after this many minutes in all; re-run to continue.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, ...")
+def campaign(budget_gflop: float, out: Path, data: str, tag: str | None, preset: str, batch: int, bf16: bool,
+             limit_images: int | None, ckpt_every: int, only: str | None, jobs: int, time_limit: float | None,
+             device: str) -> None:
+    """Train the reference set at one training-compute budget: the EDM prior, the BCM (distilled from that prior),
+    Palette and I2SB for JPEG q10, box 16 and SR x2 (training.campaign). Re-run the same command to continue after
+    a stop; finished models are exported with their cards to OUT/models/.
+
+    \b
+    Examples:
+      restore-train campaign --budget 2e5 --out runs/campaign --time-limit 110          # CPU, in 2-hour chunks
+      restore-train campaign --budget 2e6 --out runs/campaign-gpu --batch 128 --jobs 8  # one GPU
+    """
+    from training.campaign import reference_set, run_campaign
+
+    members = reference_set(tag or (data if data in DATASETS else Path(data).stem))
+    if only:
+        wanted = [w.strip() for w in only.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {m.name for m in members})
+        if unknown:
+            raise click.UsageError(f"--only: no member {', '.join(unknown)}; members: "
+                                   f"{', '.join(m.name for m in members)}")
+        members = tuple(m for m in members if m.name in wanted)
+    settings = dict(data=data, preset=preset, batch=batch, budget_gflop=budget_gflop, ckpt_every=ckpt_every,
+                    bf16=bf16, limit_images=limit_images, device=device)
+
+    def export(run_dir: Path, dst: Path) -> Path:
+        return export_run(run_dir, dst, main.commands, notes=f"restore-train campaign --budget {budget_gflop:g}")
+
+    try:
+        status = run_campaign(out, members, settings, time_limit=None if time_limit is None else 60 * time_limit,
+                              jobs=jobs, export=export, echo=lambda line: click.echo(line, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(status))
+    if any(s["rc"] for s in status.values()):
+        raise click.ClickException("some runs failed (their stderr is in the campaign folder)")
 
 
 @main.command()

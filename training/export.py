@@ -10,7 +10,6 @@ evaluation results are passed in (e.g. `restore-bench generation`'s summary).
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ import click
 import torch
 
 from restore.engine.checkpoints import load_model, save_model
-from training.state import STATE_JSON
+from restore.records.runs import log_seconds, run_config, run_progress
 
 
 def recipe_command(command: click.Command, name: str, options: dict[str, Any], out: str = "RUN_DIR") -> str:
@@ -44,17 +43,11 @@ def recipe_command(command: click.Command, name: str, options: dict[str, Any], o
 
 def training_budget(run_dir: str | Path) -> dict[str, Any]:
     """Steps, images seen and training seconds (from the log's per-window throughput) of a run."""
-    records = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
-    if not records:
+    timeline = log_seconds(run_dir)
+    if not timeline:
         raise ValueError(f"{run_dir} has an empty log: nothing was trained")
-    seconds, previous = 0.0, 0
-    for r in records:
-        if r["images"] < previous:  # a restarted run re-logs from its last state; count each window once
-            previous = 0
-        seconds += (r["images"] - previous) / r["images_per_s"]
-        previous = r["images"]
-    last = records[-1]
-    state = json.loads((Path(run_dir) / STATE_JSON).read_text())  # the saved step may follow the last log line
+    last, seconds = timeline[-1]
+    state = run_progress(run_dir)  # the saved step may follow the last log line
     return {"steps": state["step"], "images": state["images"], "train_seconds": round(seconds, 1),
             "images_per_s": round(last["images"] / seconds, 2), "final_loss": last["loss"]}
 
@@ -65,7 +58,7 @@ def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, clic
     """Write the run's EMA model to ``dst`` (safetensors, ``dtype`` storage) with a model card; ``commands``:
     the ``restore-train`` subcommands by name, whose options turn the run's stored options into its recipe."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = run_config(run_dir)
     stored = config.get("cli")
     if stored is None:
         raise ValueError(f"{run_dir} was not trained with restore-train: no stored command to put in the card")

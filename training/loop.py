@@ -38,6 +38,7 @@ from torch import nn
 from operators.utils import image_seed
 from restore.engine.checkpoints import save_model
 from restore.records.provenance import environment
+from restore.records.runs import CONFIG_JSON, LOG_JSONL
 from restore.runtime import distributed
 from restore.runtime.files import write_text_atomic
 from restore.runtime.progress import progress_bar
@@ -203,7 +204,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
     optimizer = _make_optimizer(model, config)
 
     described = _describe(model, loss, data, config, meta)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_JSON
     step, images = 0, 0
     if has_state(run_dir):
         stored = json.loads(config_path.read_text())
@@ -218,7 +219,8 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
             compute = training_flops(model, loss, data, step=step, seed=config.seed, bf16=config.bf16,
                                      channels_last=config.channels_last, device=device,
                                      batch=min(MEASURE_BATCH, config.batch // world))
-        write_text_atomic(json.dumps({**described, "compute": compute, "environment": environment()}, indent=1),
+        env = {**environment(), "device": _device_name(device)}
+        write_text_atomic(json.dumps({**described, "compute": compute, "environment": env}, indent=1),
                           config_path)
     gflop_per_image = compute["gflop_per_image"] if compute else None
 
@@ -233,6 +235,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
                                                         device_ids=[device] if device.type == "cuda" else None)
     model.train()
 
+    first_step = step
     end = config.steps if max_steps is None else min(config.steps, step + max_steps)
     local_batch = config.batch // world
     started = time.perf_counter()
@@ -251,7 +254,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
     task = bar.add_task("train", total=config.steps, completed=step, info="")
     mid_update = False  # between optimizer.step() and the step counter: no consistent state to save
     try:
-        with bar, (open(run_dir / "log.jsonl", "a") if is_main else contextlib.nullcontext()) as log_file:
+        with bar, (open(run_dir / LOG_JSONL, "a") if is_main else contextlib.nullcontext()) as log_file:
             while step < end:
                 gen = step_generator(config.seed, step, rank, device)
                 idx = batch_indices(len(data), config.batch, step, config.seed, rank, world)
@@ -303,7 +306,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
         raise
     finally:
         model.autocast_dtype = previous_autocast
-    if step % config.ckpt_every:  # otherwise the last step already saved (or nothing ran)
+    if step > first_step and step % config.ckpt_every:  # otherwise the last step already saved (or nothing ran)
         checkpoint(snapshot=step == config.steps)
     return TrainResult(step=step, images=images, finished=step >= config.steps, run_dir=run_dir,
                        train_gflop=None if gflop_per_image is None else images * gflop_per_image)
@@ -325,3 +328,10 @@ def _log_record(window: dict, step: int, images: int, lr: float, loss, config: T
     if hasattr(loss, "num_points"):
         record["num_points"] = loss.num_points(step - 1)
     return record
+
+
+def _device_name(device: torch.device) -> str:
+    """The training device as a reader wants it in a learning curve: the GPU's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from restore.records.runs import STATE_JSON
 from restore.runtime.files import atomic_path, write_text_atomic
 
 __all__ = ["save_state", "load_state", "has_state"]
 
-STATE_JSON = "state.json"
 
 
 def _optim_flatten(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
