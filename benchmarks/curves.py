@@ -203,12 +203,16 @@ def plot_curves(frame: pd.DataFrame, dst: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("fid", "FID-1k"), ("inversion_mse", "BCM inversion MSE")]
+    runs = sorted(frame["run"].unique())
+    colours = {run: plt.get_cmap("tab20" if len(runs) > 10 else "tab10")(k) for k, run in enumerate(runs)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (metric, label) in zip(axes, panels):
         part = frame[frame["metric"] == metric]
-        for (run, nfe), line in part.groupby(["run", "nfe"]):
+        for (run, nfe), line in part.groupby(["run", "nfe"]):  # one colour per run, one line style per NFE
             line = line.sort_values("total_gflop")
-            ax.plot(line["total_gflop"], line["value"], marker="o", ms=3, label=f"{run} @ {nfe:g} NFE")
+            style = ("-", "--", ":", "-.")[sorted(part.loc[part["run"] == run, "nfe"].unique()).index(nfe) % 4]
+            ax.plot(line["total_gflop"], line["value"], marker="o", ms=3, color=colours[run], linestyle=style,
+                    label=f"{run} @ {nfe:g} NFE")
         ax.set(xscale="log", yscale="log", xlabel="training compute (GFLOP, teacher / init included)", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
         if len(part):

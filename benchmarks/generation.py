@@ -54,7 +54,8 @@ def _sample(model, x_T: torch.Tensor, nfe: int, generators) -> torch.Tensor:
     if isinstance(model, BCM):
         return sample_bcm(model, x_T, nfe, generator=generators)
     if isinstance(model, ConsistencyModel):
-        levels = karras_sigmas(nfe, model.sigma_min, model.sigma_max, append_zero=False).tolist()
+        # nfe levels above sigma_min (the trailing sigma_min only ends the plan: cm_multistep_plan drops it)
+        levels = karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max, append_zero=False).tolist()
         return sample_cm_multistep(model, x_T, levels, generator=generators)
     if isinstance(model, EDMDenoiser):
         sigmas = karras_sigmas(_heun_steps(nfe), model.sigma_min, model.sigma_max)

@@ -33,8 +33,9 @@ def runs(tmp_path, npz, single_thread):
 
 def test_curve_scores_every_snapshot_on_the_compute_axis(runs, npz, monkeypatch):
     out = runs / "points.csv"
-    args = ("curve", runs / "edm", runs / "bcd", runs / "palette", "--out", out, "--reference", npz, "--test", npz, "--n", 4,
-            "--edm-nfe", 3, "--bcm-nfe", "1", "--restore-nfe", 2, "--device", "cpu", "--plot", runs / "curves.png")
+    args = ("curve", runs / "edm", runs / "bcd", runs / "palette", "--out", out, "--reference", npz, "--test", npz,
+            "--n", 4, "--edm-nfe", 3, "--bcm-nfe", "1", "--restore-nfe", 2, "--device", "cpu",
+            "--plot", runs / "curves.png")
     _invoke(bench, *args)
     frame = pd.read_csv(out)
     assert [s for s, _ in snapshots(runs / "edm")] == [2, 4]

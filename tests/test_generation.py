@@ -15,7 +15,7 @@ from benchmarks.generation import generate, image_grid, inversion_levels, recons
 from operators.utils import make_generators, randn, to_uint8
 from restore.engine.checkpoints import save_model
 from restore.engine.networks import UNet, UNetConfig
-from restore.engine.oracles import GaussianFlow, oracle_bcm, oracle_edm
+from restore.engine.oracles import GaussianFlow, oracle_bcm, oracle_cm, oracle_edm
 from restore.engine.wrappers import BCM
 
 MU, S = 0.3, 0.5
@@ -48,6 +48,12 @@ def test_edm_generation_counts_heun_evaluations():
     assert counted == 7 and x.shape == (3, *SHAPE)
     with pytest.raises(ValueError, match="odd"):
         generate(oracle_edm(MU, S), 3, 4, image_shape=SHAPE)
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_cm_generation_spends_the_requested_nfe(nfe):
+    x, counted = generate(oracle_cm(MU, S), 3, nfe, image_shape=SHAPE)
+    assert counted == nfe and x.shape == (3, *SHAPE)
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 3])
