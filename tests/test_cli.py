@@ -62,3 +62,24 @@ def test_methods_lists_every_builtin_through_entry_points():
     names = {row["name"] for row in json.loads(result.stdout)}
     assert {"identity", "pinv", "bicubic", "bcm-jpeg", "bcm-jpeg-dc", "bcm-inpaint", "bcm-sr", "bdia-restore",
             "dps", "pigdm", "ddrm", "ddrm-jpeg", "ddnm"} <= names
+
+
+@pytest.mark.parametrize("cut", [4, 100, 100_000])
+def test_restore_run_refuses_a_truncated_checkpoint_in_one_line(tmp_path, cut):
+    from PIL import Image
+
+    from restore.engine.checkpoints import resolve_model_path
+
+    src = resolve_model_path("edm-cifar10").read_bytes()
+    model = tmp_path / "truncated.safetensors"
+    model.write_bytes(src[:cut])
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
+    result = CliRunner().invoke(restore_main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--operator",
+                                               "jpeg:quality=10", "--method", "bcm-jpeg-dc", "--model", str(model)])
+    assert result.exit_code != 0 and not isinstance(result.exception, (ValueError, RuntimeError))
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "truncated.safetensors is not a readable safetensors checkpoint" in lines[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
+        load_model(model)

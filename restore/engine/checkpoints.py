@@ -18,6 +18,7 @@ upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -130,11 +131,21 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
     return Path(path)
 
 
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Turn the reader's errors on a truncated or corrupt file into one line naming the file."""
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): {first}") from None
+
+
 def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
     """Decoded metadata of a checkpoint (no tensors read): wrapper, unet (dict), sigma_*, dtype, card,
     wrapper_config (dict, empty for wrappers without settings of their own)."""
     path = resolve_model_path(name_or_path)
-    with safe_open(str(path), framework="pt") as f:
+    with _readable(path), safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={raw.get('format')!r}); "
@@ -152,7 +163,7 @@ def weights_sha256(name_or_path: str | Path) -> str:
     """sha256 of what determines a checkpoint's outputs: its tensors and metadata without the model card, so that
     editing a card (metrics, notes) keeps results computed with the checkpoint valid."""
     path = resolve_model_path(name_or_path)
-    with open(path, "rb") as f:
+    with _readable(path), open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))  # safetensors: u64 length, JSON header
         header.get("__metadata__", {}).pop("card", None)
         digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
@@ -173,7 +184,9 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     cls = get_wrapper(meta["wrapper"])
     with torch.device("meta"):
         net = UNet(UNetConfig.from_dict(meta["unet"]))
-    net.load_state_dict(load_file(str(path), device=str(torch.device(device))), strict=True, assign=True)
+    with _readable(path):
+        tensors = load_file(str(path), device=str(torch.device(device)))
+    net.load_state_dict(tensors, strict=True, assign=True)
     net = net.to(dtype=dtype)
     model = cls(net, sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], sigma_data=meta["sigma_data"],
                 **meta["wrapper_config"])
@@ -191,7 +204,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        with _readable(path):
+            return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
