@@ -179,15 +179,20 @@ def table(results: Path, fmt: str, out: Path | None) -> None:
                    "(default: each method's largest).")
 @click.option("--grid-images", type=click.IntRange(min=1), default=8, show_default=True,
               help="Rows of the image grids.")
-def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int) -> None:
+@click.option("--grid-zoom", callback=_int_list, default="", metavar="X,Y,SIZE",
+              help="Also show this square crop (left, top, side in pixels) of every grid cell, enlarged.")
+def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int, grid_zoom: list[int]) -> None:
     """Figures from the run folder RESULTS: FID / PSNR / consistency-PSNR vs NFE per operator (PNG + PDF,
-    one line per method, log NFE axis; network-free methods as horizontal lines) and image grids per
-    operator (rows: images; columns: degraded, each method, ground truth).
+    one line per method with its 95 % CI band, log NFE axis; network-free methods as horizontal lines; one colour
+    per method in every figure) and labelled image grids per operator (PNG + PDF; rows: images, labelled with
+    their ids; columns: degraded, each method with its NFE, ground truth).
 
     \b
     Example:
-      restore-bench plot results/quick --grid-nfe 2
+      restore-bench plot results/quick --grid-nfe 2 --grid-zoom 8,8,12
     """
+    if grid_zoom and len(grid_zoom) != 3:
+        raise click.BadParameter("give X,Y,SIZE", param_hint="--grid-zoom")
     from benchmarks.plots import image_grids, metric_plots
     from benchmarks.tables import load_results
 
@@ -195,7 +200,7 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
     try:
         files = metric_plots(load_results(results), out)
         if (results / "run.json").is_file():
-            files += image_grids(results, out, nfe=grid_nfe, images=grid_images)
+            files += image_grids(results, out, nfe=grid_nfe, images=grid_images, zoom=tuple(grid_zoom) or None)
         else:
             click.echo(f"{results} has no run.json yet (run in progress?): image grids skipped", err=True)
     except (ValueError, OSError) as e:

@@ -1,11 +1,14 @@
-"""Figures from a benchmark run: metric-vs-NFE curves and image grids per operator (matplotlib Agg, no display).
+"""Figures from a benchmark run: metric-vs-NFE curves and labelled image grids per operator (matplotlib Agg).
 
 * :func:`metric_plots`: for each operator and each of FID, PSNR and consistency-PSNR present in the
-  results, one figure with one line per method (mean over images / seeds, counted NFE on a log axis);
-  network-free methods (0 NFE) cannot sit on a log axis and are drawn as dashed horizontal lines.
-  Written as PNG and PDF.
-* :func:`image_grids`: for each operator, rows = the first images of the run, columns = degraded input,
-  each method at one NFE, ground truth (PNG; column order in the file name's companion ``.txt``).
+  results, one figure with one line per method (mean over images / seeds against the counted NFE on a log
+  axis, a band for the per-image 95 % confidence interval); network-free methods (0 NFE) cannot sit on a log
+  axis and are drawn as dashed horizontal lines. Each method keeps one colour in every figure of a run
+  (:func:`method_colours`). Written as PNG and PDF.
+* :func:`image_grids`: for each operator, rows = the first images of the run (labelled with their ids),
+  columns = degraded input, each method at one NFE, ground truth (headed with the method and its NFE),
+  each 32 px image drawn large with nearest-neighbour pixels; optionally a zoomed crop of every cell under
+  each row. Written as PNG and PDF, with the column order also in a ``.txt`` companion.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from benchmarks.tables import NAMES, summarize
 PLOTTED = ("fid", "psnr", "cpsnr")
 
 
+def method_colours(methods) -> dict[str, str]:
+    """One colour per method, in first-seen order, so a method looks the same in every figure of a run."""
+    return {m: f"C{k % 10}" for k, m in enumerate(dict.fromkeys(methods))}
+
+
 def metric_plots(frame: pd.DataFrame, out: str | os.PathLike, metrics=PLOTTED) -> list[Path]:
     """``<metric>_<operator>.png/.pdf`` in ``out`` for every operator and plotted metric; returns the files."""
     import matplotlib
@@ -31,12 +39,10 @@ def metric_plots(frame: pd.DataFrame, out: str | os.PathLike, metrics=PLOTTED) -
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    def colors(i: int) -> str:
-        return f"C{i % 10}"
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(frame)
+    colour = method_colours(summary["method"])
     files = []
     for operator, s in summary.groupby("operator", sort=False):
         for m in metrics:
@@ -45,13 +51,13 @@ def metric_plots(frame: pd.DataFrame, out: str | os.PathLike, metrics=PLOTTED) -
                 continue
             fig, ax = plt.subplots(figsize=(5.5, 3.2))
             curves = s[(s.nfe > 0) & s[col].notna()]
-            k = 0
-            for k, (method, g) in enumerate(curves.groupby("method", sort=False), start=1):
+            for method, g in curves.groupby("method", sort=False):
                 g = g.sort_values("nfe")
-                ax.errorbar(g.nfe, g[col], yerr=g[f"{m}_ci95"].fillna(0), marker="o", ms=4, capsize=2,
-                            label=method, color=colors(k - 1))
+                ci = g[f"{m}_ci95"].fillna(0)
+                ax.plot(g.nfe, g[col], marker="o", ms=4, label=method, color=colour[method])
+                ax.fill_between(g.nfe, g[col] - ci, g[col] + ci, color=colour[method], alpha=0.15, lw=0)
             for j, row in enumerate(s[(s.nfe == 0) & s[col].notna()].itertuples()):
-                ax.axhline(getattr(row, col), ls=("--", ":", "-.")[j % 3], lw=1.2, color=colors(k + j),
+                ax.axhline(getattr(row, col), ls=("--", ":", "-.")[j % 3], lw=1.2, color=colour[row.method],
                            label=row.method)
             if len(curves):
                 ax.set_xscale("log")
@@ -79,17 +85,57 @@ def _pick(nfes: list[int], wanted: int | None) -> int:
     return below[-1] if below else nfes[0]
 
 
+def labelled_grid(rows: list[list[torch.Tensor]], columns: list[str], row_labels: list[str], dst: Path, *,
+                  zoom: tuple[int, int, int] | None = None, cell_inches: float = 1.3) -> list[Path]:
+    """Draw ``rows`` of images ([-1, 1], CHW) under the ``columns`` headers with ``row_labels`` on the left, as
+    ``dst`` with the suffixes .png and .pdf. ``zoom = (x, y, size)``: a red square marks that crop in every cell and
+    a second row under each image row shows it enlarged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    per_image = 2 if zoom else 1
+    n_rows, n_cols = len(rows) * per_image, len(columns)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols, cell_inches * n_rows + 0.4),
+                             squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        for c, image in enumerate(images):
+            pixels = ((image.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).float().cpu().numpy()
+            views = [(axes[r * per_image, c], pixels)]
+            if zoom:
+                x, y, size = zoom
+                views.append((axes[r * per_image + 1, c], pixels[y:y + size, x:x + size]))
+                views[0][0].add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, ec="red", lw=1))
+            for ax, view in views:
+                ax.imshow(view.squeeze(), interpolation="nearest", cmap="gray" if view.shape[-1] == 1 else None)
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[r * per_image, 0].set_ylabel(label, fontsize=8)
+        if zoom:
+            axes[r * per_image + 1, 0].set_ylabel(f"{label} (zoom)", fontsize=8)
+    for c, header in enumerate(columns):
+        axes[0, c].set_title(header.replace(" (", "\n("), fontsize=8)
+    fig.tight_layout(pad=0.3)
+    files = []
+    for ext in ("png", "pdf"):
+        files.append(dst.with_suffix(f".{ext}"))
+        fig.savefig(files[-1], dpi=150)
+    plt.close(fig)
+    return files
+
+
 def image_grids(run_dir: str | os.PathLike, out: str | os.PathLike, *, nfe: int | None = None,
-                images: int = GRID_IMAGES) -> list[Path]:
-    """``grid_<operator>.png`` per operator (first seed) from a run folder's PNGs; returns the files.
+                images: int = GRID_IMAGES, zoom: tuple[int, int, int] | None = None) -> list[Path]:
+    """``grid_<operator>.png/.pdf`` per operator (first seed) from a run folder's PNGs; returns the files.
 
     Rows: the first ``images`` images that have a saved degraded input and ground truth (the runner keeps
-    those for its first images). Columns: degraded (nearest-neighbour upsampled when smaller), each
-    method at the budget :func:`_pick` chooses for ``nfe``, ground truth. ``grid_<operator>.txt`` lists
-    the columns.
+    those for its first images), labelled with their ids. Columns: degraded (nearest-neighbour upsampled when
+    smaller), each method at the budget :func:`_pick` chooses for ``nfe``, ground truth, headed with the method
+    and its NFE. ``zoom``: see :func:`labelled_grid`. ``grid_<operator>.txt`` lists the columns and rows.
     """
-    from benchmarks.generation import image_grid
-    from restore.app.io import output_path, read_image, write_png
+    from restore.app.io import output_path, read_image
 
     run_dir, out = Path(run_dir), Path(out)
     meta_path = run_dir / "run.json"
@@ -114,14 +160,11 @@ def image_grids(run_dir: str | os.PathLike, out: str | os.PathLike, *, nfe: int 
         columns.append("ground truth")
         if not ids:
             continue
-        tiles = []
-        for i in ids:
-            tiles.append(read_image(output_path(degraded, i)))
-            tiles += [read_image(output_path(run_dir / c["dir"], i)) for c in chosen]
-            tiles.append(read_image(output_path(run_dir / "reference", i)))
-        grid = image_grid(torch.stack(tiles), nrow=len(columns))
+        rows = [[read_image(output_path(degraded, i)),
+                 *(read_image(output_path(run_dir / c["dir"], i)) for c in chosen),
+                 read_image(output_path(run_dir / "reference", i))] for i in ids]
         out.mkdir(parents=True, exist_ok=True)
-        files.append(write_png(grid, out / f"grid_{slug(operator)}.png"))
+        files += labelled_grid(rows, columns, ids, out / f"grid_{slug(operator)}.png", zoom=zoom)
         legend = "columns: " + " | ".join(columns) + "\nrows: " + " ".join(ids) + "\n"
         (out / f"grid_{slug(operator)}.txt").write_text(legend)
     return files
