@@ -209,6 +209,28 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
 
 
 @main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (default: RESULTS/report).")
+@click.option("--grid-nfe", type=click.IntRange(min=0), default=None, help="NFE shown in the image grids (see plot).")
+def report(results: Path, out: Path | None, grid_nfe: int | None) -> None:
+    """One self-contained HTML page for the run folder RESULTS (tables with CIs, plots, labelled grids, fairness
+    report, configuration, provenance) and its LaTeX tables (tables.tex, booktabs) for \\input into a paper.
+
+    \b
+    Example:
+      restore-bench report results/quick
+    """
+    from benchmarks.report import write_report
+
+    try:
+        page, tex = write_report(results, out, grid_nfe=grid_nfe)
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(json.dumps({"report": str(page), "latex": str(tex)}))
+
+
+@main.command()
 @click.argument("model")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @click.option("--data", default="cifar10", show_default=True, help="Dataset name or path (see restore.datasets).")

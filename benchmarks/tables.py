@@ -11,8 +11,10 @@ column per operator (direction from :data:`benchmarks.metrics.METRICS`).
 
 from __future__ import annotations
 
+import html
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +108,18 @@ def _best(col: pd.Series, metric: str) -> pd.Series:
     return col == target if not math.isnan(target) else col != col
 
 
-def _tables(summary: pd.DataFrame, latex: bool) -> list[tuple[str, pd.DataFrame]]:
-    """Per operator: a frame of display strings, best values wrapped in bold markup."""
+_BOLD = {"md": lambda s: f"**{s}**", "latex": lambda s: f"\\textbf{{{s}}}", "html": lambda s: f"<b>{s}</b>"}
+
+
+def _tables(summary: pd.DataFrame, style: str) -> list[tuple[str, pd.DataFrame]]:
+    """Per operator: a frame of display strings, best values wrapped in the bold markup of ``style``."""
     metrics = [c[:-5] for c in summary.columns if c.endswith("_mean")]
-    arrows = ("$\\uparrow$", "$\\downarrow$") if latex else ("↑", "↓")
-    bold = (lambda s: f"\\textbf{{{s}}}") if latex else (lambda s: f"**{s}**")
+    arrows = ("$\\uparrow$", "$\\downarrow$") if style == "latex" else ("↑", "↓")
+    bold = _BOLD[style]
     out = []
     for operator, s in summary.groupby("operator", sort=False):
-        table = pd.DataFrame({"method": s.method, "NFE": [f"{v:g}" for v in s.nfe]})
+        methods = s.method.map(html.escape) if style == "html" else s.method
+        table = pd.DataFrame({"method": methods, "NFE": [f"{v:g}" for v in s.nfe]})
         if (s.nfe_backward > 0).any():
             table["NFE bwd"] = [f"{v:g}" for v in s.nfe_backward]
         for m in metrics:
@@ -131,29 +137,37 @@ def _tables(summary: pd.DataFrame, latex: bool) -> list[tuple[str, pd.DataFrame]
 
 
 def _latex_escape(text: str) -> str:
-    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&") \
-        .replace("#", "\\#").replace("±", "$\\pm$").replace("–", "--")
+    return _latex_ci(text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%")
+                     .replace("&", "\\&").replace("#", "\\#").replace("–", "--"))
+
+
+def _latex_ci(cell: str) -> str:
+    """``mean ± ci`` with the interval in a smaller font, as papers print it."""
+    return re.sub(r" ± (\S+?)(\}?)$", r" {\\scriptsize $\\pm$ \1}\2", cell)
 
 
 def render(frame: pd.DataFrame, fmt: str = "md") -> str:
-    """The tables of a long results frame as ``md`` (one Markdown table per operator), ``latex``
-    (booktabs tabulars) or ``csv`` (the numeric :func:`summarize` frame)."""
+    """The tables of a long results frame as ``md`` (one Markdown table per operator), ``html``, ``latex``
+    (booktabs tabulars, the CI in a smaller font) or ``csv`` (the numeric :func:`summarize` frame)."""
     summary = summarize(frame)
     if fmt == "csv":
         return summary.to_csv(index=False).rstrip("\n")
     if fmt == "md":
         return "\n\n".join(f"### {op}\n\n{t.to_markdown(index=False, disable_numparse=True)}"
-                           for op, t in _tables(summary, latex=False))
+                           for op, t in _tables(summary, "md"))
+    if fmt == "html":
+        return "\n".join(f"<h3>{html.escape(op)}</h3>\n" + t.to_html(index=False, escape=False, border=0)
+                         for op, t in _tables(summary, "html"))
     if fmt == "latex":
         parts = []
-        for op, t in _tables(summary, latex=True):
+        for op, t in _tables(summary, "latex"):
             header = " & ".join(c if "$" in c else _latex_escape(c) for c in t.columns)
             body = "\n".join(" & ".join(_latex_escape(v) if "\\textbf" not in v else
-                                        v.replace("±", "$\\pm$").replace("–", "--") for v in row) + " \\\\"
+                                        _latex_ci(v.replace("–", "--")) for v in row) + " \\\\"
                              for row in t.astype(str).itertuples(index=False))
             parts.append("\n".join([
                 "\\begin{table}[t]", "\\centering", f"\\caption{{{_latex_escape(op)}}}",
                 f"\\begin{{tabular}}{{ll{'r' * (len(t.columns) - 2)}}}", "\\toprule", header + " \\\\", "\\midrule",
                 body, "\\bottomrule", "\\end{tabular}", "\\end{table}"]))
         return "\n\n".join(parts)
-    raise ValueError(f"unknown table format {fmt!r}; valid: md, latex, csv")
+    raise ValueError(f"unknown table format {fmt!r}; valid: md, html, latex, csv")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -71,8 +74,11 @@ def test_markdown_latex_csv():
     assert "\\toprule" in tex and "\\textbf{7.00}" in tex and "$\\pm$" in tex and "$\\downarrow$" in tex
     csv = pd.read_csv(io.StringIO(render(frame(), "csv")))
     assert list(csv.method) == ["a", "b"] and {"psnr_mean", "psnr_ci95", "fid_mean", "params"} <= set(csv.columns)
-    with pytest.raises(ValueError, match="valid: md, latex, csv"):
-        render(frame(), "html")
+    assert "{\\scriptsize $\\pm$ 8.96}" in tex and "\\textbf{25.00 {\\scriptsize $\\pm$ 0.00}}" in tex
+    page = render(frame(), "html")
+    assert "<h3>jpeg:quality=10</h3>" in page and "<b>7.00</b>" in page and "<table" in page
+    with pytest.raises(ValueError, match="valid: md, html, latex, csv"):
+        render(frame(), "rst")
 
 
 def test_table_and_plot_commands_write_files(tmp_path):
@@ -110,3 +116,51 @@ def test_table_and_plot_commands_write_files(tmp_path):
     assert bad.exit_code != 0 and "X,Y,SIZE" in bad.output
     result = runner.invoke(main, ["table", str(tmp_path / "nothing.csv")])
     assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def _browser() -> str | None:
+    """Headless Chromium, or a skip (a failure where REQUIRE_BROWSER=1, as .ci/run sets)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        pytest.fail("no Chromium on PATH and REQUIRE_BROWSER=1")
+    pytest.skip("no Chromium on PATH")
+
+
+def test_report_renders_in_a_headless_browser(tmp_path):
+    browser = _browser()
+    folder = tmp_path / "images"
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for i in range(2):
+        write_png(x[i], folder / f"im{i}.png")
+    suite = parse_suite({"dataset": str(folder), "operators": ["box:size=8"], "metrics": ["psnr", "cpsnr"],
+                         "methods": [{"name": "report-test-pinv", "nfe": [0]},
+                                     {"name": "report-test-blur", "nfe": [1, 2]}]}, "browser")
+    run_suite(suite, tmp_path / "run", progress=False)
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    page = tmp_path / "run" / "report" / "report.html"
+    text = page.read_text()
+    for section in ("Tables", "Plots", "Image grids", "Fairness", "Configuration", "Provenance"):
+        assert f"<h2>{section}</h2>" in text
+    assert "src=\"http" not in text and "<script" not in text  # self-contained, no script
+    assert "\\toprule" in (tmp_path / "run" / "report" / "tables.tex").read_text()
+
+    # The browser loads the page with a probe that counts the images it could decode.
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", "<script>addEventListener('load', () => document.body.setAttribute("
+                                  "'data-images', [...document.images].filter(i => i.naturalWidth > 0).length + '/' "
+                                  "+ document.images.length));</script></body>"))
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+            "--enable-logging=stderr", "--v=0"]
+    done = subprocess.run([*args, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    n_images = text.count("<img ")
+    assert n_images >= 3 and f'data-images="{n_images}/{n_images}"' in done.stdout, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    shot = tmp_path / "shot.png"
+    subprocess.run([*args, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()], capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1600, 1200) and pixels.std() > 10  # rendered content, not a blank page
