@@ -24,10 +24,11 @@ import torch
 
 from baselines.common import initial_state, mix_noise, renoise, sampling_levels, step_callback
 from operators.utils import Generator
-from restore.methods import register_method
+from restore.methods import Float, register_method
 
 
-@register_method("ddnm", blind=False, model="edm", operators=("box", "randbox", "down"), default_nfe=100)
+@register_method("ddnm", blind=False, model="edm", operators=("box", "randbox", "down"), default_nfe=100,
+                 space={"eta": Float(0.0, 1.0)})
 def restore_ddnm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                  eta: float = 0.85, sigma_start: float | None = None) -> torch.Tensor:
     """DDNM (Wang et al. 2023): DDIM steps from the range-null-space corrected estimate A^+ y + (I - A^+ A) x0_hat.

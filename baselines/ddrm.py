@@ -45,7 +45,7 @@ import torch
 from baselines.common import initial_state, sampling_levels, step_callback
 from operators.utils import Generator, randn
 from restore.engine.sampling import ddim_step
-from restore.methods import register_method
+from restore.methods import Float, register_method
 
 # VE level of DDRM-JPEG's start t0 = 285 on the linear-beta (1e-4 .. 0.02, 1000 steps) VP schedule.
 DDRM_JPEG_SIGMA_START = 1.149
@@ -66,7 +66,8 @@ def spectral_gain(op, y: torch.Tensor, rtol: float = 1e-4) -> float:
     return math.sqrt(s2)
 
 
-@register_method("ddrm", blind=False, model="edm", operators=("box", "randbox", "down"), default_nfe=20)
+@register_method("ddrm", blind=False, model="edm", operators=("box", "randbox", "down"), default_nfe=20,
+                 space={"eta": Float(0.0, 1.0), "eta_b": Float(0.0, 1.0)})
 def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                  eta: float = 0.85, eta_b: float = 1.0, sigma_start: float | None = None) -> torch.Tensor:
     """DDRM (Kawar et al. 2022): spectral DDIM with the measurement replacing the range components.
@@ -96,7 +97,8 @@ def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator =
     return x
 
 
-@register_method("ddrm-jpeg", blind=False, model="edm", operators=("jpeg",), default_nfe=20)
+@register_method("ddrm-jpeg", blind=False, model="edm", operators=("jpeg",), default_nfe=20,
+                 space={"eta_b": Float(0.0, 1.0), "eta_a": Float(0.0, 1.0)})
 def restore_ddrm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                       eta_b: float = 0.4, eta_a: float = 1.0,
                       sigma_start: float = DDRM_JPEG_SIGMA_START) -> torch.Tensor:

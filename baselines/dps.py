@@ -33,7 +33,7 @@ import torch
 
 from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels, step_callback
 from operators.utils import Generator
-from restore.methods import register_method
+from restore.methods import Float, register_method
 
 # zeta' per operator: DPS configs (inpainting 0.5, super-resolution 0.3); JPEG is not in the paper.
 DPS_SCALE = {"box": 0.5, "randbox": 0.5, "down": 0.3, "jpeg": 1.0}
@@ -64,7 +64,8 @@ def dps_step(model, x: torch.Tensor, sigma: float, sigma_next: float, y: torch.T
     return x_prior - zeta * math.sqrt((1 + sigma**2) * (1 + sigma_next**2)) * grad, x0
 
 
-@register_method("dps", blind=False, model="edm", operators=tuple(DPS_SCALE), default_nfe=1000, needs_grad=True)
+@register_method("dps", blind=False, model="edm", operators=tuple(DPS_SCALE), default_nfe=1000, needs_grad=True,
+                 space={"scale": Float(0.01, 10.0, log=True)})
 def restore_dps(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                 scale: float | None = None, sigma_start: float | None = None) -> torch.Tensor:
     """DPS (Chung et al. 2023, Algorithm 1): DDPM steps plus a gradient step on ||y - A(D(x))|| through the denoiser.

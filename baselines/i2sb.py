@@ -46,7 +46,7 @@ from baselines.palette import degraded_image
 from operators import build_operator
 from operators.utils import Generator, randn
 from restore.engine.wrappers import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator, register_wrapper
-from restore.methods import register_method
+from restore.methods import Choice, register_method
 
 I2SB_OPERATORS = ("jpeg", "box", "randbox", "down")
 # Per-task bridge settings of the paper's scripts (docs/methods.md#i2sb): (beta_max, OT-ODE).
@@ -212,7 +212,8 @@ def i2sb_sample(model, x1: torch.Tensor, nfe: int, *, mask: torch.Tensor | None 
     return x
 
 
-@register_method("i2sb", blind=False, model="i2sb", operators=I2SB_OPERATORS, default_nfe=999)
+@register_method("i2sb", blind=False, model="i2sb", operators=I2SB_OPERATORS, default_nfe=999,
+                 space={"clip_denoise": Choice((False, True))})
 def restore_i2sb(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                  clip_denoise: bool = False) -> torch.Tensor:
     """I2SB (Liu et al. 2023): Schrödinger bridge from the degraded image, trained for this operator.

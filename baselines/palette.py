@@ -40,7 +40,7 @@ from baselines.common import ddim_noise, renoise, sampling_levels, step_callback
 from operators import build_operator
 from operators.utils import Generator, randn
 from restore.engine.wrappers import EDMDenoiser, check_operator, register_wrapper
-from restore.methods import register_method
+from restore.methods import Float, register_method
 
 PALETTE_OPERATORS = ("jpeg", "box", "randbox", "down")
 
@@ -96,7 +96,8 @@ def palette_sample(model, cond: torch.Tensor, nfe: int, *, eta: float = 1.0, gen
     return x
 
 
-@register_method("palette", blind=False, model="palette", operators=PALETTE_OPERATORS, default_nfe=1000)
+@register_method("palette", blind=False, model="palette", operators=PALETTE_OPERATORS, default_nfe=1000,
+                 space={"eta": Float(0.0, 1.0)})
 def restore_palette(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                     eta: float = 1.0) -> torch.Tensor:
     """Palette (Saharia et al. 2022): conditional diffusion trained for this operator, DDPM ancestral sampling.

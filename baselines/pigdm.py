@@ -27,7 +27,7 @@ import torch
 
 from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels, step_callback
 from operators.utils import Generator
-from restore.methods import register_method
+from restore.methods import Float, register_method
 
 
 def pigdm_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, op) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def pigdm_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, op) ->
 
 
 @register_method("pigdm", blind=False, model="edm", operators=("jpeg", "box", "randbox", "down"), default_nfe=100,
-                 needs_grad=True)
+                 needs_grad=True, space={"weight": Float(0.1, 3.0, log=True), "eta": Float(0.0, 1.0)})
 def restore_pigdm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                   weight: float = 1.0, eta: float = 0.0, sigma_start: float | None = None) -> torch.Tensor:
     """PiGDM (Song et al. 2023): DDIM steps from x0_hat + w J^T (H^+ y - H^+ H x0_hat); JPEG via H^+ = identity.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def test_register_call_and_describe(registry):
     with pytest.raises(ValueError, match="does not support operator 'box'; it supports: jpeg"):
         method(None, y, build_operator("box:size=4"))
     assert list_methods() == [{"name": "scale", "blind": True, "operators": ["jpeg"], "model": "none",
-                               "default_nfe": 3, "needs_grad": False,
+                               "default_nfe": 3, "needs_grad": False, "space": {},
                                "description": "Multiply by a factor, nfe times."}]
 
 
@@ -52,3 +54,26 @@ def test_errors(registry):
     register_method("x", blind=True, model="none")(first)  # re-registering the same function is harmless
     with pytest.raises(ValueError, match="already registered"):
         register_method("x", blind=True, model="none")(lambda *a, **k: None)
+
+
+def test_search_spaces_name_keywords_and_contain_the_defaults():
+    from restore.methods import Float
+
+    tuned = 0
+    for entry in list_methods():
+        method = get_method(entry["name"])
+        params = inspect.signature(method.fn).parameters
+        for name, dist in method.space.items():
+            default = params[name].default
+            tuned += 1
+            if default is None or default is inspect.Parameter.empty:
+                continue  # chosen per operator inside the method (e.g. DPS's step size)
+            if isinstance(dist, Float):
+                assert dist.low <= default <= dist.high, (entry["name"], name, default)
+            else:
+                assert default in dist.choices, (entry["name"], name, default)
+        assert entry["space"] == {k: v.describe() for k, v in method.space.items()}
+    assert tuned >= 20
+    with pytest.raises(ValueError, match="not keywords"):
+        register_method("space-typo", blind=True, model="none", space={"sigmaa": Float(0.1, 1.0)})(
+            lambda model, y, op, *, nfe, generator=None, callback=None, sigma=0.5: y)

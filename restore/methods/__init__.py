@@ -4,6 +4,6 @@ engine: BCM invert-regenerate restoration (`restore.methods.bcm`), exact-inversi
 into the same registry from :mod:`baselines`.
 """
 
-from restore.methods.registry import Method, get_method, list_methods, register_method
+from restore.methods.registry import Choice, Float, Method, get_method, list_methods, register_method
 
-__all__ = ["Method", "get_method", "list_methods", "register_method"]
+__all__ = ["Choice", "Float", "Method", "get_method", "list_methods", "register_method"]

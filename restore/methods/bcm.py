@@ -67,7 +67,7 @@ import torch
 
 from operators.utils import Generator, randn
 from restore.engine.sampling import Callback
-from restore.methods import register_method
+from restore.methods import Float, register_method
 
 # Default (sigma_start, sigma_end) per task, untuned (module docstring), and the paper's small noise t = 0.07.
 SMALL_NOISE = 0.07
@@ -169,7 +169,12 @@ def invert_regenerate(model, x: torch.Tensor, rounds: Sequence[Round],
     return x
 
 
-@register_method("bcm-jpeg", blind=True, model="bcm", operators=("jpeg",), default_nfe=2)
+# The levels of the rounds (geometric from sigma_start to sigma_end) and the small noise; tuned per NFE.
+_LEVELS_SPACE = {"sigma_start": Float(0.05, 10.0, log=True), "sigma_end": Float(0.01, 5.0, log=True),
+                 "noise": Float(0.005, 0.5, log=True)}
+
+
+@register_method("bcm-jpeg", blind=True, model="bcm", operators=("jpeg",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                      sigma_start: float = JPEG_LEVELS[0], sigma_end: float = JPEG_LEVELS[1],
                      noise: float = SMALL_NOISE, sigmas: Sequence[float] | None = None,
@@ -186,7 +191,7 @@ def restore_bcm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generat
     return invert_regenerate(model, y, rounds, None, generator=generator, callback=callback, extra_args=extra_args)
 
 
-@register_method("bcm-jpeg-dc", blind=False, model="bcm", operators=("jpeg",), default_nfe=2)
+@register_method("bcm-jpeg-dc", blind=False, model="bcm", operators=("jpeg",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_jpeg_dc(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                         callback: Callback = None, sigma_start: float = JPEG_LEVELS[0],
                         sigma_end: float = JPEG_LEVELS[1], noise: float = SMALL_NOISE,
@@ -204,7 +209,8 @@ def restore_bcm_jpeg_dc(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
                              extra_args=extra_args)
 
 
-@register_method("bcm-inpaint", blind=False, model="bcm", operators=("box", "randbox"), default_nfe=4)
+@register_method("bcm-inpaint", blind=False, model="bcm", operators=("box", "randbox"), default_nfe=4,
+                 space={**_LEVELS_SPACE, "sigma_start": Float(0.1, 40.0, log=True)})
 def restore_bcm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                         callback: Callback = None, sigma_start: float = INPAINT_LEVELS[0],
                         sigma_end: float = INPAINT_LEVELS[1], noise: float = SMALL_NOISE,
@@ -233,7 +239,7 @@ def restore_bcm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
                              extra_args=extra_args)
 
 
-@register_method("bcm-sr", blind=False, model="bcm", operators=("down",), default_nfe=2)
+@register_method("bcm-sr", blind=False, model="bcm", operators=("down",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                    sigma_start: float = SR_LEVELS[0], sigma_end: float = SR_LEVELS[1], noise: float = SMALL_NOISE,
                    sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:

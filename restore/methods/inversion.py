@@ -40,7 +40,7 @@ from restore.engine.exact_inversion import (
 )
 from restore.engine.sampling import Callback
 from restore.engine.schedules import karras_sigmas
-from restore.methods import register_method
+from restore.methods import Choice, Float, register_method
 
 METHODS = ("bdia", "edict", "ddim")
 DC_MODES = ("step", "end", "none")
@@ -66,7 +66,9 @@ def inversion_nfe(method: str, steps: int) -> int:
     return max(1, fixed + per_step * steps)
 
 
-@register_method("bdia-restore", blind=False, model="edm", default_nfe=20)
+@register_method("bdia-restore", blind=False, model="edm", default_nfe=20,
+                 space={"sigma_s": Float(0.2, 40.0, log=True), "gamma": Choice(("obelm", 0.5, 0.9, 0.96, 1.0)),
+                        "noise": Float(0.005, 0.5, log=True)})
 def restore_bdia_restore(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                          callback: Callback = None, method: str = "bdia", sigma_s: float = 5.0,
                          sigma_in: float = 0.07, noise: float = 0.07, gamma: float | str = "obelm", p: float = 0.93,

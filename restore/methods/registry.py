@@ -13,13 +13,36 @@ time the registry is read, so ``restore`` never imports ``baselines`` (docs/desi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from restore.engine.plugins import load_plugins
 
 NO_MODEL = "none"  # the ``model`` of a method that needs no network
+
+
+@dataclass(frozen=True)
+class Float:
+    """A real hyper-parameter searched in [low, high] (log-uniformly with ``log``)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "float", "low": self.low, "high": self.high, "log": self.log}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A hyper-parameter searched among ``choices``."""
+
+    choices: tuple
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "choice", "choices": list(self.choices)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +57,9 @@ class Method:
     default_nfe: int
     description: str
     needs_grad: bool = False  # uses autograd (DPS-style guidance): callers must not run it in inference_mode
+    # The hyper-parameters a tuner may search, declared next to the method's code (keyword -> Float | Choice);
+    # tuned per (operator, NFE) cell, so levels that depend on the budget are searched per budget.
+    space: Mapping[str, Float | Choice] = field(default_factory=dict)
 
     def supports(self, op) -> bool:
         """Whether the method handles operator ``op`` (by its registered name)."""
@@ -49,15 +75,17 @@ class Method:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "blind": self.blind, "operators": list(self.operators) if self.operators else "any",
                 "model": self.model, "default_nfe": self.default_nfe, "needs_grad": self.needs_grad,
-                "description": self.description}
+                "space": {k: v.describe() for k, v in self.space.items()}, "description": self.description}
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, blind: bool, model: str, operators: tuple[str, ...] | None = None,
-                    default_nfe: int = 2, description: str | None = None, needs_grad: bool = False) -> Callable:
-    """Decorator registering ``fn`` as method ``name``; the description defaults to the docstring's first line."""
+                    default_nfe: int = 2, description: str | None = None, needs_grad: bool = False,
+                    space: Mapping[str, Float | Choice] | None = None) -> Callable:
+    """Decorator registering ``fn`` as method ``name``; the description defaults to the docstring's first line.
+    ``space``: the searchable hyper-parameters (keyword arguments of ``fn``), see :class:`Method`."""
     if not model or not isinstance(model, str):
         raise ValueError(f"model must be a wrapper name or {NO_MODEL!r}, got {model!r}")
 
@@ -65,8 +93,12 @@ def register_method(name: str, *, blind: bool, model: str, operators: tuple[str,
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
         text = description or (fn.__doc__ or "").strip().split("\n")[0]
+        params = inspect.signature(fn).parameters
+        unknown = sorted(set(space or {}) - set(params))
+        if unknown:
+            raise ValueError(f"method {name!r}: search space names {', '.join(unknown)}, not keywords of {fn.__name__}")
         _METHODS[name] = Method(name, fn, blind, tuple(operators) if operators else None, model, default_nfe, text,
-                                needs_grad)
+                                needs_grad, dict(space or {}))
         return fn
 
     return decorate
