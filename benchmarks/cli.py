@@ -209,6 +209,47 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
 
 
 @main.command()
+@click.argument("suite")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Tuning folder: optuna.journal (resumable studies), trials/, trials.csv, SUITE-tuned.toml.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Trials per (method, operator, NFE) cell, the same for every method (the defaults are trial 0).")
+@click.option("--objective", default="psnr", show_default=True,
+              help="Metric to optimise (psnr, ssim, cpsnr, fid, kid).")
+@click.option("--held-out-images", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Held-out images the trials run on.")
+@click.option("--held-out-start", type=click.IntRange(min=0), default=None,
+              help="First held-out image (default: right after the suite's evaluation images).")
+@click.option("--held-out-split", default=None, help="Split of the held-out images (default: the suite's).")
+@click.option("--model", "models", multiple=True, callback=_model_override, metavar="ALIAS=PATH",
+              help="Replace a model alias of the suite (repeatable).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the TPE sampler.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+def tune(suite: str, out: Path, trials: int, objective: str, held_out_images: int, held_out_start: int | None,
+         held_out_split: str | None, models: dict[str, str], seed: int, device: str | None) -> None:
+    """Tune every method of SUITE with the same effort (benchmarks.tune): per (method, operator, NFE) cell, TRIALS
+    trials of Optuna's TPE over the space the method declares, on held-out images that never overlap the
+    evaluation images; writes OUT/SUITE-tuned.toml, which `restore-bench run` takes as it is.
+
+    \b
+    Example:
+      restore-bench tune cifar10-jpeg --out results/tune-jpeg --trials 20
+      restore-bench run results/tune-jpeg/cifar10-jpeg-tuned.toml --out results/jpeg-tuned
+    """
+    from benchmarks.suites import load_suite
+    from benchmarks.tune import tune_suite
+
+    try:
+        loaded = load_suite(suite).with_models(models)
+        dst = tune_suite(loaded, out, trials=trials, objective=objective, held_out_images=held_out_images,
+                         held_out_start=held_out_start, held_out_split=held_out_split, seed=seed, device=device,
+                         echo=lambda line: click.echo(line, err=True))
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(json.dumps({"tuned_suite": str(dst)}))
+
+
+@main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: RESULTS/report).")

@@ -7,6 +7,7 @@ NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::
     dataset = "cifar10"          # restore.datasets name, or a path (relative to this file if it exists there)
     split = "test"
     images = 1000                # the first N images of the split (omit: all)
+    # start = 1000               # skip the first N images (a held-out range; restore-bench tune uses it)
     operators = ["jpeg:quality=10", "jpeg:quality=20"]
     metrics = ["psnr", "ssim", "cpsnr", "fid", "kid"]
     seeds = [0]
@@ -26,6 +27,11 @@ NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::
     hparams = { }                # keyword arguments of the method
     # label = "bcm-jpeg-s0.1"    # name in tables (default: name); needed to run one method twice on an operator
     # operators = ["jpeg:quality=10"]   # a subset of the suite's (default: all the method supports)
+
+    [tuning]                     # written by `restore-bench tune`: the provenance of tuned hparams (recorded)
+
+A label may appear in several entries when they cover different (operator, NFE) cells (a tuned suite gives every
+tuned cell its own entry).
 
 A cell is operator x method entry x NFE x seed; a method runs only on the suite operators it
 supports (``Method.supports``). Unknown keys are errors that list the valid keys. Operator and metric
@@ -53,7 +59,9 @@ SUITE_KEYS = {
     "description": "one line shown by `restore-bench list`",
     "dataset": "restore.datasets name (cifar10, tinyimagenet) or a path",
     "split": "split of a named dataset",
-    "images": "number of images, the first N of the split (default: all)",
+    "images": "number of images, the first N of the split (after 'start'; default: all)",
+    "start": "index of the first image (default 0): a held-out range after the evaluation images",
+    "tuning": "[tuning] table: provenance of tuned hyper-parameters (written by restore-bench tune)",
     "operators": "operator specs, e.g. 'jpeg:quality=10'",
     "methods": "[[methods]] tables",
     "metrics": f"metric names ({', '.join(METRICS)})",
@@ -152,10 +160,12 @@ class Suite:
     batch_size: int = 16
     split: str | None = None
     images: int | None = None
+    start: int = 0
     models: dict[str, str] = field(default_factory=dict)
     fid: FidReference = FidReference()
     description: str = ""
     source: str = ""  # file it came from
+    tuning: dict[str, Any] = field(default_factory=dict)  # restore-bench tune's record, when the values are tuned
 
     def model_ref(self, entry: MethodEntry) -> str | None:
         """The checkpoint reference (bundled name or path) of a method entry: its alias resolved, or None."""
@@ -177,10 +187,11 @@ class Suite:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "description": self.description, "source": self.source, "dataset": self.dataset,
-            "split": self.split, "images": self.images, "operators": list(self.operators),
+            "split": self.split, "images": self.images, "start": self.start, "operators": list(self.operators),
             "methods": [m.to_dict() for m in self.methods], "metrics": list(self.metrics), "seeds": list(self.seeds),
             "batch_size": self.batch_size, "models": dict(self.models),
             "fid": {"dataset": self.fid.dataset, "split": self.fid.split, "images": self.fid.images},
+            "tuning": self.tuning,
         }
 
     def with_models(self, overrides: dict[str, str]) -> Suite:
@@ -240,13 +251,14 @@ def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, sourc
     if not isinstance(methods, list) or not methods:
         raise ValueError(f"{where}: methods must be a non-empty list of [[methods]] tables")
     entries = [_parse_method(m, i, where, models, base, BUNDLED_MODELS, specs) for i, m in enumerate(methods)]
-    seen, dup = set(), set()  # a label names one entry per operator (e.g. one trained model per operator)
+    seen, dup = set(), set()  # a label names one entry per operator and NFE (e.g. one model per operator)
     for e in entries:
         for spec in e.operators or specs:
-            (dup if (e.label, spec) in seen else seen).add((e.label, spec))
+            for nfe in e.nfe:
+                (dup if (e.label, spec, nfe) in seen else seen).add((e.label, spec, nfe))
     if dup:
-        raise ValueError(f"{where}: method label(s) {', '.join(sorted({label for label, _ in dup}))} used twice on "
-                         "one operator; give each entry a distinct 'label'")
+        raise ValueError(f"{where}: method label(s) {', '.join(sorted({label for label, *_ in dup}))} used twice on "
+                         "one operator and NFE; give each entry a distinct 'label'")
     fid = data.get("fid", {})
     _check_keys(_typed(fid, dict, where, "[fid]"), FID_KEYS, f"{where} [fid]")
     ref = FidReference(
@@ -261,6 +273,8 @@ def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, sourc
         dataset=dataset,
         split=_typed(data["split"], str, where, "split") if "split" in data else None,
         images=_int(data["images"], where, "images", 1) if "images" in data else None,
+        start=_int(data.get("start", 0), where, "start", 0),
+        tuning=dict(_typed(data.get("tuning", {}), dict, where, "[tuning]")),
         operators=tuple(specs),
         methods=tuple(entries),
         metrics=tuple(metrics),

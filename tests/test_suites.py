@@ -64,12 +64,14 @@ def test_bad_names_and_values_list_choices():
     with pytest.raises(ValueError, match="nfe must be a non-empty list"):
         suite(methods=[{"name": "suite-test-any", "nfe": 2}])
     with pytest.raises(ValueError, match="used twice"):
-        suite(methods=[{"name": "suite-test-any", "nfe": [0]}, {"name": "suite-test-any", "nfe": [1]}])
+        suite(methods=[{"name": "suite-test-any", "nfe": [0, 1]}, {"name": "suite-test-any", "nfe": [1]}])
+    per_budget = suite(methods=[{"name": "suite-test-any", "nfe": [0]}, {"name": "suite-test-any", "nfe": [1]}])
+    assert len(per_budget.methods) == 2  # one label, one entry per budget (as tuned suites write them)
     one_per_operator = suite(methods=[{"name": "suite-test-any", "nfe": [0], "operators": ["jpeg:quality=10"]},
                                       {"name": "suite-test-any", "nfe": [1], "operators": ["box:size=8"]}])
     assert [m.label for m in one_per_operator.methods] == ["suite-test-any"] * 2
-    with pytest.raises(ValueError, match="used twice on one operator"):
-        suite(methods=[{"name": "suite-test-any", "nfe": [0], "operators": ["jpeg:quality=10"]},
+    with pytest.raises(ValueError, match="used twice on one operator and NFE"):
+        suite(methods=[{"name": "suite-test-any", "nfe": [1], "operators": ["jpeg:quality=10"]},
                        {"name": "suite-test-any", "nfe": [1]}])
     with pytest.raises(ValueError, match="missing required key 'operators'"):
         parse_suite({"dataset": "x", "methods": []}, "t")

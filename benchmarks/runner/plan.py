@@ -152,10 +152,14 @@ class Plan:
 
 
 def make_plan(suite: Suite, limit: int | None = None, rank: int = 0, world_size: int = 1) -> Plan:
-    """Load the dataset, resolve and check every cell, and pick the first ``min(suite.images, limit)`` images."""
+    """Load the dataset, resolve and check every cell, and pick ``min(suite.images, limit)`` images from
+    ``suite.start`` on."""
     dataset = load_dataset(suite)
     cells = resolve_cells(suite, dataset.name)
-    n = min(len(dataset), suite.images or len(dataset), limit or len(dataset))
-    indices = tuple(range(n))
+    if suite.start >= len(dataset):
+        raise ValueError(f"suite {suite.name!r}: start {suite.start} is past the {len(dataset)} images of the data")
+    left = len(dataset) - suite.start
+    n = min(left, suite.images or left, limit or left)
+    indices = tuple(range(suite.start, suite.start + n))
     ids = tuple(dataset.image_id(i) for i in indices)
     return Plan(suite, dataset, tuple(cells), indices, ids, rank, world_size, set_key(suite, list(ids)))

@@ -54,7 +54,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
     with Journal(out / "records" / f"rank{rank}.jsonl") as journal:
         bar = ProgressBar(progress, len(plan.cells) * len(mine))
         try:
-            bar.skip(sum(finished.missing(c.key, plan.ids[i], suite.image_metrics) == set()
+            bar.skip(sum(finished.missing(c.key, plan.dataset.image_id(i), suite.image_metrics) == set()
                          for c in plan.cells for i in mine))
             done = run_cells(plan, out, dev, journal, finished, bar)
             failures += done.failures

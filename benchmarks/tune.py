@@ -1,0 +1,218 @@
+"""`restore-bench tune SUITE`: the same, recorded tuning effort for every method of a suite.
+
+For each cell (method entry, operator, NFE > 0) whose method declares a search space (``Method.space``, next to
+its code), a study of ``trials`` trials searches the space with Optuna's TPE sampler (seeded) on a held-out set of
+images, optimising one metric of the suite's metric registry (``objective``: PSNR, SSIM, consistency-PSNR, or
+FID / KID against the suite's FID reference). Every trial is a one-cell run of the benchmark runner on the held-out
+images, so trials measure exactly what ``restore-bench run`` measures. The first trial of every study is the
+method's current hyper-parameters (its defaults and the suite's ``hparams``), so a tuned value is never worse than
+the default on the held-out set; every method gets the same number of trials, failed trials included.
+
+Held-out images: ``held_out_images`` images of ``held_out_split`` (default: the suite's split) from
+``held_out_start`` on (default: right after the suite's evaluation images). A held-out range that overlaps the
+evaluation images of the same split is refused.
+
+The studies live in ``OUT/optuna.journal`` (Optuna's journal storage), so an interrupted tuning resumes: finished
+trials are kept and each study runs only its missing trials (the sampler's random state is not stored, so the
+trials after a resume may differ from those of an uninterrupted run; the record keeps every trial). The result is
+a suite file, ``OUT/<suite>-tuned.toml``: the suite with each tuned cell as its own ``[[methods]]`` entry labelled
+``<label> (tuned)`` (so tables mark it), its chosen values as ``hparams``, and a ``[tuning]`` table with the
+provenance (held-out images, objective, trials, best and default values per cell); ``restore-bench run`` takes it
+as it is. ``OUT/trials.csv`` lists every trial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmarks.metrics import METRICS
+from benchmarks.suites import MethodEntry, Suite, load_suite
+from restore.methods import Choice, Float, get_method
+from restore.runtime.files import write_csv_atomic, write_text_atomic
+
+__all__ = ["held_out", "tune_suite"]
+
+TUNED = " (tuned)"  # label suffix of tuned entries
+
+
+def held_out(suite: Suite, images: int, start: int | None = None, split: str | None = None) -> Suite:
+    """The held-out suite: ``images`` images of ``split`` from ``start`` (defaults: the suite's split, right after
+    its evaluation images); ValueError if they overlap the evaluation images."""
+    split = suite.split if split is None else split
+    if start is None:
+        if suite.images is None and split == suite.split:
+            raise ValueError(f"suite {suite.name!r} evaluates every image of its split: give a held-out split")
+        start = suite.start + (suite.images or 0) if split == suite.split else 0
+    if split == suite.split:
+        end = math.inf if suite.images is None else suite.start + suite.images
+        if start < end and suite.start < start + images:
+            raise ValueError(f"held-out images [{start}, {start + images}) of split {split!r} overlap the evaluation "
+                             f"images [{suite.start}, {end}) of suite {suite.name!r}")
+    return replace(suite, name=f"{suite.name}-held-out", split=split, start=start, images=images)
+
+
+def _sample(trial, space: dict[str, Float | Choice]) -> dict[str, Any]:
+    values = {}
+    for name, dist in space.items():
+        if isinstance(dist, Float):
+            values[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+        else:
+            values[name] = trial.suggest_categorical(name, list(dist.choices))
+    return values
+
+
+def _cells(suite: Suite) -> list[tuple[MethodEntry, str, int]]:
+    """(entry, operator, NFE) of every cell with something to tune."""
+    from operators import build_operator
+
+    out = []
+    for entry in suite.methods:
+        method = get_method(entry.name)
+        if not method.space:
+            continue
+        for op in entry.operators or suite.operators:
+            if method.supports(build_operator(op)):
+                out += [(entry, op, nfe) for nfe in entry.nfe if nfe > 0]
+    return out
+
+
+def _score(path: Path, objective: str) -> float:
+    frame = pd.read_csv(path / "results.csv") if (path / "results.csv").is_file() else pd.DataFrame()
+    values = frame.loc[frame["metric"] == objective, "value"] if len(frame) else pd.Series(dtype=float)
+    return float(values.mean()) if len(values) else math.nan  # NaN: Optuna records the trial as failed
+
+
+def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: str = "psnr",
+               held_out_images: int = 100, held_out_start: int | None = None, held_out_split: str | None = None,
+               seed: int = 0, device: str | None = None, echo=print) -> Path:
+    """Tune every cell of ``suite`` (see the module docstring) into ``out``; returns the tuned suite file."""
+    import optuna
+    import tomli_w
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from benchmarks.runner import run_suite
+
+    suite = load_suite(suite) if isinstance(suite, str) else suite
+    if objective not in METRICS:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(METRICS)}")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    heldout = held_out(suite, held_out_images, held_out_start, held_out_split)
+    heldout = replace(heldout, metrics=(objective,), seeds=heldout.seeds[:1])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    direction = "maximize" if METRICS[objective].higher_is_better else "minimize"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    records, tuned_entries, rows = [], [], []
+    for entry, op, nfe in _cells(suite):
+        study_name = f"{entry.label}|{op}|{nfe}"
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
+                                    sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+        space = get_method(entry.name).space
+        defaults = _defaults(entry, space)
+        if not study.trials:
+            study.enqueue_trial(defaults)
+
+        def run_trial(trial, entry=entry, op=op, nfe=nfe, space=space, study_name=study_name) -> float:
+            values = _sample(trial, space)
+            cell = replace(entry, nfe=(nfe,), operators=(op,), hparams={**entry.hparams, **values})
+            folder = out / "trials" / _slug(study_name) / f"{trial.number:04d}"
+            run_suite(replace(heldout, operators=(op,), methods=(cell,)), folder, progress=False, device=device)
+            return _score(folder, objective)
+
+        left = trials - sum(t.state.is_finished() for t in study.trials)  # an enqueued trial is still waiting
+        if left > 0:
+            echo(f"[tune] {study_name}: {left} trial(s) of {trials}")
+            study.optimize(run_trial, n_trials=left, catch=(ValueError, RuntimeError))
+        finished = [t for t in study.trials if t.state.is_finished()]
+        done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+        rows += [{"cell": study_name, "trial": t.number, "state": t.state.name, "value": t.value, **t.params}
+                 for t in finished]
+        if not done:
+            echo(f"[tune] {study_name}: every trial failed; the entry keeps its values")
+            continue
+        best = study.best_trial
+        default_value = study.trials[0].value
+        records.append({"cell": study_name, "method": entry.name, "operator": op, "nfe": nfe,
+                        "trials": len(finished), "failed": len(finished) - len(done),
+                        "best": float(best.value), "best_params": dict(best.params),
+                        "default": None if default_value is None else float(default_value),
+                        "default_params": defaults})
+        tuned_entries.append((entry, op, nfe, {**entry.hparams, **best.params}))
+
+    write_csv_atomic(pd.DataFrame(rows), out / "trials.csv")
+    document = _tuned_document(suite, tuned_entries, {
+        "objective": objective, "direction": direction, "trials_per_cell": trials, "sampler": "optuna TPE",
+        "seed": seed, "optuna": optuna.__version__,
+        "held_out": {"dataset": heldout.dataset, "split": heldout.split or "", "start": heldout.start,
+                     "images": heldout.images},
+        "cells": records})
+    dst = out / f"{suite.name}-tuned.toml"
+    write_text_atomic(tomli_w.dumps(document), dst)
+    load_suite(dst)  # the file must load as a suite as it is
+    return dst
+
+
+def _defaults(entry: MethodEntry, space: dict) -> dict[str, Any]:
+    """The method's current values of the searched keywords (suite hparams, else the function's defaults); a
+    default that is None (chosen inside the method) is left to the sampler."""
+    import inspect
+
+    params = inspect.signature(get_method(entry.name).fn).parameters
+    values = {name: entry.hparams.get(name, params[name].default) for name in space}
+    return {k: v for k, v in values.items() if v is not None and v is not inspect.Parameter.empty}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
+
+
+def _tuned_document(suite: Suite, tuned: list[tuple[MethodEntry, str, int, dict]], record: dict) -> dict[str, Any]:
+    """The suite as a TOML document with tuned cells as their own entries and the [tuning] record."""
+    from operators import build_operator
+
+    data = suite.to_dict()
+    methods = []
+    cells = {(e.label, op, nfe) for e, op, nfe, _ in tuned}
+    for entry in suite.methods:  # the untuned cells stay, grouped by the operators that keep the same budgets
+        groups: dict[tuple[int, ...], list[str]] = {}
+        method = get_method(entry.name)
+        for op in [o for o in entry.operators or suite.operators if method.supports(build_operator(o))]:
+            kept = tuple(n for n in entry.nfe if (entry.label, op, n) not in cells)
+            groups.setdefault(kept, []).append(op)
+        for kept, ops in groups.items():
+            if kept:
+                methods.append({**_entry_table(entry), "nfe": list(kept), "operators": ops})
+    for entry, op, nfe, hparams in tuned:
+        methods.append({**_entry_table(entry), "label": entry.label + TUNED, "nfe": [nfe], "operators": [op],
+                        "hparams": hparams})
+    doc = {k: v for k, v in data.items() if k not in ("methods", "source", "tuning", "fid") and v is not None}
+    doc["name"] = f"{suite.name}-tuned"
+    doc["fid"] = {k: v for k, v in data["fid"].items() if v is not None}
+    doc["methods"] = methods
+    doc["tuning"] = _toml_safe(record)
+    return doc
+
+
+def _entry_table(entry: MethodEntry) -> dict[str, Any]:
+    table = {k: v for k, v in entry.to_dict().items() if v is not None}
+    if not table.get("hparams"):
+        table.pop("hparams", None)
+    return table
+
+
+def _toml_safe(value):
+    """None has no TOML form: drop it from tables and lists."""
+    if isinstance(value, dict):
+        return {k: _toml_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_toml_safe(v) for v in value if v is not None]
+    return value

@@ -1,0 +1,82 @@
+"""`restore-bench tune`: same trials for every cell, held-out images never overlap, the tuned suite runs as it is."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import tomllib
+import torch
+from click.testing import CliRunner
+
+from benchmarks.cli import main
+from benchmarks.runner import run_suite
+from benchmarks.suites import load_suite, parse_suite
+from benchmarks.tune import held_out
+from restore.app.io import write_png
+from restore.methods import Float, register_method
+
+
+@register_method("tune-test-scale", blind=True, model="none", default_nfe=1, space={"factor": Float(0.3, 1.5)})
+def _scale(model, y, op, *, nfe, generator=None, callback=None, factor: float = 0.4):
+    """Scale the measurement: PSNR peaks at factor 1 on the identity-like box operator (outside the hole)."""
+    return y * factor
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    folder = tmp_path / "images"
+    x = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for i in range(10):
+        write_png(x[i], folder / f"im{i}.png")
+    path = tmp_path / "suite.toml"
+    path.write_text(f'dataset = "{folder}"\nimages = 4\noperators = ["box:size=4"]\nmetrics = ["psnr"]\n'
+                    'batch_size = 4\n[[methods]]\nname = "identity"\nnfe = [0]\n'
+                    '[[methods]]\nname = "tune-test-scale"\nnfe = [1, 2]\n')
+    return path
+
+
+def test_held_out_images_follow_the_evaluation_images_and_never_overlap(suite_file):
+    suite = load_suite(suite_file)
+    assert (held_out(suite, 3).start, held_out(suite, 3).images) == (4, 3)
+    with pytest.raises(ValueError, match="overlap the evaluation images"):
+        held_out(suite, 3, start=2)
+    everything = parse_suite({"dataset": suite.dataset, "operators": ["box:size=4"],
+                              "methods": [{"name": "identity", "nfe": [0]}]}, "all")
+    with pytest.raises(ValueError, match="give a held-out split"):
+        held_out(everything, 3)
+
+
+def test_tune_gives_every_cell_the_same_trials_and_writes_a_runnable_suite(suite_file, tmp_path):
+    out = tmp_path / "tune"
+    args = ["tune", str(suite_file), "--out", str(out), "--trials", "5", "--held-out-images", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    tuned_path = out / "suite-tuned.toml"
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tuned_suite"] == str(tuned_path)
+    record = tomllib.loads(tuned_path.read_text())["tuning"]
+    assert record["held_out"]["start"] == 4 and record["held_out"]["images"] == 4
+    assert record["objective"] == "psnr" and record["trials_per_cell"] == 5
+    cells = {c["cell"]: c for c in record["cells"]}
+    assert sorted(cells) == ["tune-test-scale|box:size=4|1", "tune-test-scale|box:size=4|2"]  # identity: no space
+    for c in cells.values():
+        assert c["trials"] == 5 and c["default_params"] == {"factor": 0.4} and c["best"] >= c["default"]
+        assert c["best"] > c["default"] + 1.0  # factor 0.4 is far from the optimum at 1
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 10 and set(trials.groupby("cell").size()) == {5}
+    assert set(trials.loc[trials["trial"] == 0, "factor"]) == {0.4}  # the defaults are trial 0 of every study
+
+    # resuming adds nothing; the tuned suite runs as it is and its tables mark the tuned cells
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and len(pd.read_csv(out / "trials.csv")) == 10
+    tuned = load_suite(tuned_path)
+    assert {e.label for e in tuned.methods} == {"identity", "tune-test-scale (tuned)"}
+    assert tuned.tuning["cells"][0]["best_params"]["factor"] == pytest.approx(
+        next(e for e in tuned.methods if e.nfe == (1,)).hparams["factor"])
+    run_suite(tuned, tmp_path / "run", progress=False)
+    frame = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert set(frame["method"]) == {"identity", "tune-test-scale (tuned)"} and set(frame["image_id"]) == {
+        f"im{i}.png" for i in range(4)}
+    bad = CliRunner().invoke(main, [*args[:4], "--objective", "lpips"])
+    assert bad.exit_code != 0 and "unknown objective" in bad.output
