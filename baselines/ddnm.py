@@ -8,7 +8,7 @@ denoiser's estimate
 followed by the DDIM step of the official code, x_s = x0_hat + sigma_s (eta z + sqrt(1 - eta^2) eps_hat) with the
 model's eps_hat = (x_t - D(x_t; sigma_t)) / sigma_t and eta = 0.85 (``configs``), 100 steps by default. The final
 step lands on the corrected estimate, so the output satisfies A x = y for noiseless linear operators (box,
-randbox, down with either kernel: DDNM only needs A and A^+, no SVD).
+randbox, randmask, down with either kernel, blur: DDNM only needs A and A^+, no SVD).
 
 Deviations from the official code: VE-sigma parametrisation (the VP update divided by sqrt(abar_s), exact);
 Karras levels, ``nfe`` steps, instead of uniformly spaced integer times; start A^+ y + sigma_max z instead of
@@ -27,8 +27,8 @@ from operators.utils import Generator
 from restore.methods import Float, register_method
 
 
-@register_method("ddnm", blind=False, model="edm", operators=("box", "randbox", "down"), default_nfe=100,
-                 space={"eta": Float(0.0, 1.0)})
+@register_method("ddnm", blind=False, model="edm", operators=("box", "randbox", "randmask", "down", "blur"),
+                 default_nfe=100, space={"eta": Float(0.0, 1.0)})
 def restore_ddnm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                  eta: float = 0.85, sigma_start: float | None = None) -> torch.Tensor:
     """DDNM (Wang et al. 2023): DDIM steps from the range-null-space corrected estimate A^+ y + (I - A^+ A) x0_hat.

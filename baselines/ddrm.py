@@ -15,12 +15,13 @@ range, sigma_T z on the null space.
 Operators whose nonzero singular values are all equal (H H^T = s^2 I on the range): every range component then
 follows the same rule, so the update is written in pixels with the orthogonal projector P = H^+ H onto the row
 space, V y_bar = H^+ y, and the split z = P z + (I - P) z of one white-noise draw -- no explicit V is needed.
-This covers box / random-box inpainting (V = I, s = 1 on the observed pixels, the mask itself) and block-average
+This covers box / random-box / random-pixel inpainting (V = I, s = 1 on the observed pixels, the mask itself) and
+block-average
 downsampling by K (per axis the K-tap mean has H_n H_n^T = I / K, so s = 1/K for every low-resolution pixel,
 with right singular vectors the normalised block indicators, V y_bar = nearest upsampling of y). The gain s^2 is
 measured on a probe and the identity H H^T = s^2 I checked; antialiased bicubic downsampling has unequal
 singular values and is **not supported** (it needs the separable SVD of the two axis matrices, which the
-operator does not expose).
+operator does not expose); so is Gaussian blur (``blur``: its singular values are the spectrum |H|, unequal).
 
 **DDRM-JPEG** generalises the pseudo-inverse step to J = decode o encode (docs/methods.md#ddrm-jpeg): range
 replacement x_tilde = x0_hat - J(x0_hat) + y, then
@@ -61,18 +62,18 @@ def spectral_gain(op, y: torch.Tensor, rtol: float = 1e-4) -> float:
     gram = op(op.adjoint(probe))
     s2 = float((gram * probe).sum() / probe.square().sum())
     if not torch.allclose(gram, s2 * probe, rtol=rtol, atol=rtol * probe.abs().max().item()):
-        raise ValueError(f"DDRM here needs equal singular values (H H^T = s^2 I: box, randbox, down:kernel=avg); "
-                         f"{op.spec} has unequal ones and no SVD")
+        raise ValueError("DDRM here needs equal singular values (H H^T = s^2 I: box, randbox, randmask, "
+                         f"down:kernel=avg); {op.spec} has unequal ones and no SVD")
     return math.sqrt(s2)
 
 
-@register_method("ddrm", blind=False, model="edm", operators=("box", "randbox", "down"), default_nfe=20,
+@register_method("ddrm", blind=False, model="edm", operators=("box", "randbox", "randmask", "down"), default_nfe=20,
                  space={"eta": Float(0.0, 1.0), "eta_b": Float(0.0, 1.0)})
 def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                  eta: float = 0.85, eta_b: float = 1.0, sigma_start: float | None = None) -> torch.Tensor:
     """DDRM (Kawar et al. 2022): spectral DDIM with the measurement replacing the range components.
 
-    For operators with equal singular values (box, randbox, down:kernel=avg); ``eta``, ``eta_b`` as in the
+    For operators with equal singular values (box, randbox, randmask, down:kernel=avg); ``eta``, ``eta_b`` as in the
     paper (0.85, 1); measurement noise ``op.noise`` is handled as DDRM does. NFE = ``nfe``.
     """
     sigma_y = op.noise / spectral_gain(op, y)  # per-component noise sigma_y / s

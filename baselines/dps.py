@@ -20,7 +20,7 @@ Deviations from the original code:
   gives size-changing operators their image shape, cf. deepinv#941).
 * JPEG (not in the paper): A = the differentiable codec ``op.differentiable`` (kornia; docs/methods.md#dps)
   inside the gradient, the real codec only produced y.
-* Step size zeta' keeps the paper's per-step value (0.5 inpainting, 0.3 super-resolution, the configs of
+* Step size zeta' keeps the paper's per-step value (0.5 inpainting, 0.3 super-resolution and deblurring, the configs of
   docs/methods.md#dps; 1.0 for JPEG, which the paper does not cover) whatever the step count; with far fewer
   than 1000 steps the total guidance is correspondingly weaker -- that is the method's low-NFE behaviour.
 """
@@ -35,8 +35,9 @@ from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renois
 from operators.utils import Generator
 from restore.methods import Float, register_method
 
-# zeta' per operator: DPS configs (inpainting 0.5, super-resolution 0.3); JPEG is not in the paper.
-DPS_SCALE = {"box": 0.5, "randbox": 0.5, "down": 0.3, "jpeg": 1.0}
+# zeta' per operator: DPS configs (inpainting, box or random, 0.5; super-resolution and Gaussian deblurring 0.3);
+# JPEG is not in the paper.
+DPS_SCALE = {"box": 0.5, "randbox": 0.5, "randmask": 0.5, "down": 0.3, "blur": 0.3, "jpeg": 1.0}
 
 
 def dps_forward(op):

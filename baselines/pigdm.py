@@ -40,8 +40,11 @@ def pigdm_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, op) ->
     return denoise_with_vjp(model, x, sigma, loss)
 
 
-@register_method("pigdm", blind=False, model="edm", operators=("jpeg", "box", "randbox", "down"), default_nfe=100,
-                 needs_grad=True, space={"weight": Float(0.1, 3.0, log=True), "eta": Float(0.0, 1.0)})
+PIGDM_OPERATORS = ("jpeg", "box", "randbox", "randmask", "down", "blur")
+
+
+@register_method("pigdm", blind=False, model="edm", operators=PIGDM_OPERATORS, default_nfe=100, needs_grad=True,
+                 space={"weight": Float(0.1, 3.0, log=True), "eta": Float(0.0, 1.0)})
 def restore_pigdm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
                   weight: float = 1.0, eta: float = 0.0, sigma_start: float | None = None) -> torch.Tensor:
     """PiGDM (Song et al. 2023): DDIM steps from x0_hat + w J^T (H^+ y - H^+ H x0_hat); JPEG via H^+ = identity.

@@ -6,12 +6,14 @@ float64, and returns tensors of the input's device and dtype:
 
 * ``op(x)`` the clean forward map ``A(x)``; ``op.linear`` says whether ``A`` is linear;
 * ``op.draw(shape, generator)`` the operator that measures a batch of ``shape``: ``op`` itself, except
-  for operators with a random structure (``randbox``), which draw it from ``generator`` and return a new
-  operator holding it; measure with the drawn operator and restore with it;
+  for operators with a random structure (``op.random``: ``randbox``, ``randmask``), which draw it from
+  ``generator`` and return a new operator holding it; measure with the drawn operator and restore with it;
 * ``op.measure(x, generator)`` ``A(x)`` plus the configured Gaussian measurement noise
   (``noise=SIGMA``, in [-1, 1] units, drawn with :func:`operators.utils.randn`);
-* ``op.project(x, y)`` hard data consistency: the image closest to ``x`` that ``A`` maps to ``y``;
-* linear operators add ``op.adjoint(y)`` (the true adjoint) and ``op.pinv(y)`` (``A A^+ = I``);
+* ``op.project(x, y)`` hard data consistency: the image closest to ``x`` that ``A`` maps to ``y`` (linear
+  operators: to ``A A^+ y``, the part of ``y`` in the range, where measurement noise leaves the range);
+* linear operators add ``op.adjoint(y)`` (the true adjoint) and ``op.pinv(y)`` (the Moore-Penrose inverse:
+  ``A A^+ y = y`` on the range of ``A``);
 * ``op.output_shape(shape)``, ``op.name``, ``op.params`` (resolved parameters) and ``op.spec``
   (canonical spec string; ``build_operator(op.spec)`` rebuilds an equal operator).
 
@@ -110,6 +112,7 @@ class Operator:
 
     name: ClassVar[str] = ""
     linear: ClassVar[bool] = False
+    random: ClassVar[bool] = False  # draw draws a random structure (a new operator per batch)
     PARAMS: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
@@ -195,8 +198,9 @@ class Operator:
         raise TypeError(f"operator {self.spec!r} is not linear: it has no pseudo-inverse")
 
     def project(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Linear operators with ``A A^+ = I``: ``x + A^+(y - A x)``, the exact orthogonal projection of
-        ``x`` onto ``{x' : A x' = y}`` (the DDNM range-null-space step, Wang et al. 2023, Eq. 7)."""
+        """Linear operators: ``x + A^+(y - A x)``, the exact orthogonal projection of ``x`` onto
+        ``{x' : A x' = A A^+ y}`` (``= y`` for ``y`` in the range; the DDNM range-null-space step, Wang et al.
+        2023, Eq. 7)."""
         if not self.linear:
             raise NotImplementedError
         return x + self.pinv(y - self(x))

@@ -12,7 +12,18 @@ import torch
 import torch.nn.functional as F
 
 import operators
-from operators import Box, Downsample, Operator, RandBox, build_operator, list_operators, register_operator
+from operators import (
+    Box,
+    Downsample,
+    GaussianBlur,
+    Operator,
+    RandBox,
+    RandMask,
+    build_operator,
+    list_operators,
+    register_operator,
+)
+from operators.blur import gaussian_kernel
 from operators.utils import make_generators
 
 BASE_SPECS = [
@@ -20,20 +31,24 @@ BASE_SPECS = [
     "jpeg:quality=50",
     "box:size=16",
     "randbox:size=8",
+    "randmask:p=0.7",
     "down:factor=2,kernel=avg",
     "down:factor=4,kernel=bicubic",
+    "blur:sigma=3.0,size=61",
+    "blur:sigma=1.5,size=9,eps=1e-06",
 ]
 SPECS = BASE_SPECS + [s + ",noise=0.05" for s in BASE_SPECS]
 LINEAR_SPECS = [s for s in SPECS if build_operator(s).linear]
-NOISY_OR_RANDOM = [s for s in SPECS if "noise" in s or s.startswith("randbox")]
+NOISY_OR_RANDOM = [s for s in SPECS if "noise" in s or build_operator(s).random]
 PINNED_BOXES = [[16, 6], [9, 7], [6, 21], [14, 18]]  # randbox:size=8 on 4 x 32x32 from manual_seed(5)
+PINNED_MISSING = [0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 1, 1, 1]  # randmask:p=0.5, 1 x 4x4, manual_seed(5)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
                                               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
 
 
 def _ready(spec: str, x: torch.Tensor, seed: int = 0) -> Operator:
-    """The operator of ``spec`` drawn for ``x`` (randbox: with its boxes)."""
+    """The operator of ``spec`` drawn for ``x`` (randbox / randmask: with its boxes / masks)."""
     return build_operator(spec).draw(x.shape, torch.Generator().manual_seed(seed), device=x.device)
 
 
@@ -139,12 +154,15 @@ def test_linear_project_is_the_closest_consistent_image(spec, cifar_test, rng):
     y = op.measure(truth, rng)
     x = _blur(truth)
     p = op.project(x, y)
-    torch.testing.assert_close(op(p), y, rtol=0, atol=1e-10)  # consistent
+    # consistent: A p = A A^+ y, the part of y in the range (= y unless white noise leaves the range: blur)
+    torch.testing.assert_close(op(p), op(op.pinv(y)), rtol=0, atol=1e-10)
+    if op.noise == 0 or not isinstance(op, GaussianBlur):
+        torch.testing.assert_close(op(p), y, rtol=0, atol=1e-10)
     torch.testing.assert_close(op.project(p, y), p, rtol=0, atol=1e-10)  # idempotent
     # closest: any other consistent image z = p + (null-space vector) is farther from x
     v = torch.randn(truth.shape, dtype=torch.float64, generator=rng)
     z = p + (v - op.pinv(op(v)))
-    torch.testing.assert_close(op(z), y, rtol=0, atol=1e-10)
+    torch.testing.assert_close(op(z), op(p), rtol=0, atol=1e-10)
     assert ((z - x).flatten(1).norm(dim=1) >= (p - x).flatten(1).norm(dim=1)).all()
 
 
@@ -188,6 +206,7 @@ def test_per_image_generators_do_not_depend_on_batch_composition(spec, cifar_tes
     torch.testing.assert_close(part, full[sub], rtol=0, atol=0)
     if isinstance(op, RandBox):
         assert torch.equal(part_op.boxes, full_op.boxes[sub])
+    if op.random:
         assert torch.equal(part_op.mask_for(x[sub]), full_op.mask_for(x)[sub])
 
 
@@ -249,6 +268,85 @@ def test_randbox_boxes_are_data_drawn_from_the_generator(cifar_test):
     assert torch.equal(one(x[2:3]), two(x[2:3]))
 
 
+def test_randmask_misses_a_fraction_p_of_whole_pixels():
+    x = torch.ones(2, 3, 512, 512)
+    op = RandMask(p=0.7).draw(x.shape, make_generators(0, ["a", "b"]))
+    y = op(x)
+    missing = y == 0
+    assert torch.equal(missing, missing[:, :1].expand_as(missing))  # all channels together
+    assert op.mask.shape == (2, 1, 512, 512) and torch.equal(op.mask_for(x), ~missing[:, :1])
+    frac = missing[:, 0].float().mean((1, 2))
+    assert (frac - 0.7).abs().max() < 0.005  # binomial std 9e-4
+    assert not torch.equal(op.mask[0], op.mask[1])  # one mask per image
+    assert torch.equal(RandMask(p=0.0).draw(x.shape, None).mask_for(x).logical_not().sum(), torch.tensor(0))
+
+
+def test_randmask_masks_are_data_drawn_from_the_generator(cifar_test):
+    """Same seeds -> the same masks (pinned draw: cached measurements rely on it); masks need a draw; a slice of
+    masks rebuilds the operator of those images."""
+    x = cifar_test[:4]
+    family = build_operator("randmask:p=0.3")
+    for call in (family, family.pinv, lambda x: family.measure(x, None)):
+        with pytest.raises(ValueError, match="no masks drawn"):
+            call(x)
+    a = family.draw(x.shape, make_generators(0, range(4)))
+    assert torch.equal(a.mask, family.draw(x.shape, make_generators(0, range(4))).mask)
+    assert not torch.equal(a.mask, family.draw(x.shape, make_generators(1, range(4))).mask)
+    assert a.spec == family.spec and a.name == "randmask" and family.mask is None
+    pinned = RandMask(p=0.5).draw_mask((1, 3, 4, 4), torch.Generator().manual_seed(5))
+    assert (~pinned).flatten().int().tolist() == PINNED_MISSING
+    torch.testing.assert_close(family.with_mask(a.mask[2:3])(x[2:3]), a(x)[2:3], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="drawn for images"):
+        a(x[:, :, :16])
+    with pytest.raises(ValueError, match="bool tensor"):
+        family.with_mask(a.mask.float())
+
+
+# -- blur -------------------------------------------------------------------------------------------
+def test_blur_kernel_is_a_normalised_symmetric_gaussian():
+    k = gaussian_kernel(3.0, 61)
+    assert k.shape == (61, 61) and k.dtype == torch.float64
+    torch.testing.assert_close(k.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.equal(k, k.T) and torch.equal(k, k.flip(0)) and k.argmax() == 30 * 61 + 30
+    torch.testing.assert_close(k[30, 31] / k[30, 30], torch.tensor(-1 / 18).exp().double())  # exp(-1 / 2 sigma^2)
+    const = torch.full((1, 3, 16, 16), 0.4, dtype=torch.float64)
+    torch.testing.assert_close(build_operator("blur:sigma=3.0,size=61")(const), const, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(("spec", "n"), [("blur:sigma=3.0,size=61", 64), ("blur:sigma=3.0,size=61", 32),
+                                         ("blur:sigma=1.5,size=9", 32), ("blur:sigma=2.0,size=15,eps=1e-09", 32),
+                                         ("blur:sigma=4.0,size=41,eps=1e-09", 16)])
+def test_blur_is_circular_convolution_up_to_the_spectral_floor(spec, n, rng):
+    """Oracle: direct convolution with the kernel under periodic padding (wrapping more than once when the kernel
+    is wider than the image); the dropped frequencies (gain <= eps) change A x by at most eps ||x||."""
+    op = build_operator(spec)
+    x = torch.randn(2, 3, n, n, dtype=torch.float64, generator=rng)
+    size, r = op.params["size"], op.params["size"] // 2
+    rows = torch.arange(-r, n + r) % n
+    padded = x[..., rows[:, None], rows[None, :]]
+    if r <= n:
+        torch.testing.assert_close(padded, F.pad(x, (r, r, r, r), mode="circular"), rtol=0, atol=0)
+    ref = F.conv2d(padded, gaussian_kernel(op.params["sigma"], size).expand(3, 1, size, size), groups=3)
+    err = (op(x) - ref).flatten(1).norm(dim=1)
+    assert (err <= op.params["eps"] * x.flatten(1).norm(dim=1) + 1e-12).all()
+
+
+def test_blur_pseudo_inverse_recovers_low_frequencies(rng):
+    """A^+ A is the identity on the frequencies the blur keeps (gain > eps), in float64 and float32."""
+    op = build_operator("blur:sigma=3.0,size=61")
+    n = 64
+    i = torch.arange(n, dtype=torch.float64)
+    x = sum(torch.randn((), generator=rng, dtype=torch.float64) * torch.cos(2 * torch.pi * (a * i[:, None] + b * i) / n
+                                                                             + phase)
+            for a, b, phase in [(0, 0, 0.0), (1, 0, 0.3), (0, 2, 1.0), (3, 4, 2.0), (6, -5, 0.5)])
+    x = (0.3 * x).expand(2, 3, n, n).contiguous()
+    y = op(x)
+    assert (y - x).abs().max() > 0.01  # really blurred
+    torch.testing.assert_close(op.pinv(y), x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(op.pinv(y.float()), x.float(), rtol=0, atol=1e-4)
+    assert torch.equal(op.adjoint(y), op(y))  # symmetric kernel, circular boundary: A^T = A
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_operators_do_not_change_when_used(spec, cifar_test):
     """An operator is immutable after construction: drawing, measuring, projecting and restoring leave it as built."""
@@ -274,7 +372,7 @@ def test_operators_do_not_change_when_used(spec, cifar_test):
             drawn.adjoint(y)
         family.draw(x.shape, make_generators(seed + 10, range(3)))
     assert same(state(family), before) and same(state(drawn), drawn_before)
-    if not isinstance(family, RandBox):
+    if not family.random:
         assert drawn is family  # nothing random to draw
 
 
@@ -295,6 +393,8 @@ def test_spec_round_trip(spec):
         ("jpeg:quality=10,noise=0", "jpeg:quality=10"),
         ("box:size=16,noise=5e-2", "box:size=16,noise=0.05"),
         (("randbox", {"size": "8", "margin": 2}), "randbox:size=8,margin=2"),
+        ("randmask:p=.7", "randmask:p=0.7"),
+        ("blur:size=61,sigma=3,eps=0.001", "blur:sigma=3.0,size=61"),
     ],
 )
 def test_spec_is_canonicalised(spec, canonical):
@@ -304,7 +404,7 @@ def test_spec_is_canonicalised(spec, canonical):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("blur:sigma=1", ["box", "down", "jpeg", "randbox"]),
+        ("motion:size=9", ["blur", "box", "down", "jpeg", "randbox", "randmask"]),
         ("jpeg:q=10", ["quality", "noise"]),
         ("jpeg", ["missing", "quality"]),
         ("jpeg:quality=0", ["[1, 100]"]),
@@ -316,6 +416,11 @@ def test_spec_is_canonicalised(spec, canonical):
         ("box:size=4,size=5", ["twice"]),
         ("box:size=4,noise=-0.1", ["noise", ">= 0"]),
         (("box", {"size": 4, "colour": 1}), ["colour", "size", "top", "left"]),
+        ("randmask:p=1.5", ["p", "[0, 1]"]),
+        ("randmask", ["missing", "p"]),
+        ("blur:sigma=3", ["missing", "size"]),
+        ("blur:sigma=3,size=60", ["size", "odd"]),
+        ("blur:sigma=0,size=9", ["sigma", ">= 0.1"]),
         (42, ["name[:key=value"]),
     ],
 )
@@ -328,8 +433,9 @@ def test_errors_list_the_valid_choices(spec, expected):
 
 def test_list_operators_describes_the_registry():
     listing = list_operators()
-    assert set(listing) == {"box", "down", "jpeg", "randbox"}
-    assert {n: d["linear"] for n, d in listing.items()} == {"box": True, "down": True, "jpeg": False, "randbox": True}
+    assert set(listing) == {"blur", "box", "down", "jpeg", "randbox", "randmask"}
+    assert {n: d["linear"] for n, d in listing.items()} == {
+        "blur": True, "box": True, "down": True, "jpeg": False, "randbox": True, "randmask": True}
     for entry in listing.values():
         assert entry["description"] and "\n" not in entry["description"]
         assert entry["params"]["noise"] == {
@@ -340,6 +446,8 @@ def test_list_operators_describes_the_registry():
     assert listing["jpeg"]["params"]["quality"]["required"]
     assert listing["jpeg"]["params"]["quality"]["range"] == [1, 100]
     assert listing["randbox"]["params"]["margin"]["default"] == 0
+    assert listing["randmask"]["params"]["p"]["range"] == [0.0, 1.0]
+    assert listing["blur"]["params"]["eps"]["default"] == 1e-3 and listing["blur"]["params"]["size"]["required"]
 
 
 def test_register_operator_validates(monkeypatch):

@@ -252,6 +252,7 @@ def test_user_errors_are_one_line(inputs, tiny_bcm, tmp_path):
         ([inputs, tmp_path / "o", "--operator", "jpeg:q=1", "--method", "test-pinv"], "unknown parameter"),
         ([inputs, tmp_path / "o", "--operator", "jpeg:quality=10", "--method", "nope"], "unknown method"),
         ([inputs, tmp_path / "o", "--operator", "randbox:size=4", "--method", "test-pinv"], "needs --degrade"),
+        ([inputs, tmp_path / "o", "--operator", "randmask:p=0.5", "--method", "test-pinv"], "needs --degrade"),
         ([inputs, tmp_path / "o", "--operator", "box:size=4", "--method", "test-pinv", "--hparam", "eta=1"],
          "no hyper-parameter eta; valid: scale"),
         ([inputs, tmp_path / "o", "--operator", "jpeg:quality=10", "--method", "test-pinv", "--tile", "32",

@@ -73,6 +73,25 @@ def test_restores_better_than_input_with_counted_nfe(name, spec, steps, images, 
     assert psnr(x_hat, images).mean() > psnr(op.pinv(y), images).mean() + 3
 
 
+@pytest.mark.parametrize("spec", ["randmask:p=0.7", "blur:sigma=3.0,size=61"])
+@pytest.mark.parametrize("name,steps", [("dps", 10), ("pigdm", 6), ("ddrm", 4), ("ddnm", 4)])
+def test_random_pixel_inpainting_and_deblurring(name, steps, spec, images, prior_in, prior_held_out):
+    """The DPS protocol's random-mask and Gaussian-blur operators (drawn per image) with every linear baseline;
+    DDRM's equal-gain form takes the mask and refuses the blur (unequal singular values)."""
+    op = build_operator(spec).draw(images.shape, _gens(len(images), 50))
+    y = op(images)
+    if name == "ddrm" and spec.startswith("blur"):
+        assert not get_method(name).supports(op)
+        with pytest.raises(ValueError, match="equal singular values"):
+            spectral_gain(op, y)
+        return
+    x_hat = get_method(name)(prior_in, y, op, nfe=steps, generator=_gens(len(images)))
+    assert torch.isfinite(x_hat).all() and psnr(x_hat, images).mean() > psnr(op.pinv(y), images).mean() + 3
+    if name in ("ddrm", "ddnm"):  # hard consistency, also for images the prior does not know
+        x_hat = get_method(name)(prior_held_out, y, op, nfe=steps, generator=_gens(len(images)))
+        torch.testing.assert_close(op(x_hat), y, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["ddrm", "ddnm"])
 @pytest.mark.parametrize("spec", ["box:size=16", "down:factor=2,kernel=avg", "down:factor=4,kernel=avg"])
 def test_hard_consistency_on_held_out_images(name, spec, images, prior_held_out):

@@ -32,7 +32,8 @@ id and seed give the same measurement and the same restoration whatever the batc
 Sizes: images whose output size is the network's native size ``T`` are batched (equal sizes only,
 :func:`restore.app.io.group_by_size`); others are restored in overlapping ``T`` x ``T`` tiles
 (:mod:`restore.app.tiling`) when the operator acts locally (``jpeg``, ``down``), and refused with a
-:class:`RunError` naming the size the model takes otherwise (``box``, ``randbox``). Methods
+:class:`RunError` naming the size the model takes otherwise (masks; ``blur``, whose circular boundary couples
+opposite borders). Methods
 without a network restore whole images of any size unless ``tile`` is given.
 
 The restoration runs under ``torch.inference_mode()`` unless the method sets ``needs_grad``.
@@ -150,8 +151,9 @@ def run_folder(
                        f"it supports: {', '.join(meth.operators)}")
     if degrade and reference is not None:
         raise RunError("--degrade uses the inputs as references; drop --reference")
-    if op.name == "randbox" and not degrade:
-        raise RunError("randbox draws its boxes while measuring, so it needs --degrade (for a fixed box use box:...)")
+    if op.random and not degrade:
+        raise RunError(f"{op.name} draws its mask while measuring, so it needs --degrade "
+                       "(for a fixed box use box:...)")
     hparams = dict(hparams or {})
     _check_hparams(meth, hparams)
     nfe = meth.default_nfe if nfe is None else nfe
@@ -221,7 +223,7 @@ def run_folder(
                 batch_op, y = op, x
                 if degrade:
                     gens = measurement_generators(seed, ids)
-                    batch_op = op.draw(x.shape, gens, device=x.device)  # randbox: this batch's boxes
+                    batch_op = op.draw(x.shape, gens, device=x.device)  # randbox / randmask: this batch's mask
                     y = batch_op.measure(x, gens)  # as the benchmark runner: noise in float, not re-quantised
                 if degraded:
                     degraded.write_batch(y, ids)

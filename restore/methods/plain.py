@@ -2,11 +2,13 @@
 bicubic upsampling (model="none", 0 NFE; docs/methods.md#plain-references "sanity anchors").
 
 - ``identity``: the degraded input itself, shown at the clean image's size. For operators that keep
-  the size (JPEG: the decoded image; box: the zero-filled image) that is ``y``; for ``down`` it is
+  the size (JPEG: the decoded image; box, randbox, randmask: the zero-filled image; blur: the blurred image)
+  that is ``y``; for ``down`` it is
   nearest-neighbour upsampling, i.e. every low-resolution pixel repeated as a K x K block (what an
   image viewer shows; for ``kernel=avg`` it equals the pseudo-inverse).
 - ``pinv``: ``op.pinv(y)``, the minimum-norm consistent image of linear operators (for JPEG the decoded
-  image, docs/design.md#operators): ``op(pinv(y)) = y`` up to rounding for ``box`` / ``down``.
+  image, docs/design.md#operators): ``op(pinv(y)) = y`` up to rounding for masks, ``down`` and noiseless
+  ``blur``.
 - ``bicubic`` (``down`` only): ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False,
   antialias=False)`` (Keys a = -0.75, PyTorch's default) — the classic SR baseline, independent of
   the kernel that downsampled.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from restore.methods import register_method
 
-PLAIN_OPERATORS = ("jpeg", "box", "randbox", "down")
+PLAIN_OPERATORS = ("jpeg", "box", "randbox", "randmask", "down", "blur")
 
 
 @register_method("identity", blind=True, model="none", operators=PLAIN_OPERATORS, default_nfe=0)
