@@ -279,7 +279,7 @@ def test_methods_command_lists_registered_methods():
     assert listed.exit_code == 0, listed.output
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert rows["test-bcm"] == {"name": "test-bcm", "blind": False, "operators": ["box", "down"], "model": "bcm",
-                                "default_nfe": 2, "needs_grad": False,
+                                "default_nfe": 2, "needs_grad": False, "space": {},
                                 "description": "``nfe`` rounds of denoise-then-project with the network."}
     assert rows["test-pinv"]["operators"] == "any" and rows["test-pinv"]["model"] == "none"
     table = CliRunner().invoke(main, ["methods"])

@@ -57,8 +57,8 @@ def test_unknown_keys_list_the_valid_ones():
 
 
 def test_bad_names_and_values_list_choices():
-    with pytest.raises(ValueError, match="unknown operator 'blur'; valid operators: .*jpeg"):
-        suite(operators=["blur:sigma=1"])
+    with pytest.raises(ValueError, match="unknown operator 'warp'; valid operators: .*jpeg"):
+        suite(operators=["warp:amount=1"])
     with pytest.raises(ValueError, match="unknown metric 'lpips'; valid: psnr, ssim"):
         suite(metrics=["lpips"])
     with pytest.raises(ValueError, match="nfe must be a non-empty list"):

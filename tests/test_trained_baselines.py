@@ -286,7 +286,7 @@ def test_cli_trains_resumes_bit_exactly_and_stores_the_operator(tmp_path, npz, c
     for args, message in [
         ([command, "--out", tmp_path / "full", "--operator", "jpeg:quality=20", "--steps", 5], "loss.operator"),
         ([command, "--data", npz, "--out", tmp_path / "x"], "missing --operator"),
-        ([command, "--data", npz, "--out", tmp_path / "y", "--operator", "blur:size=3"], "unknown operator"),
+        ([command, "--data", npz, "--out", tmp_path / "y", "--operator", "warp:size=3"], "unknown operator"),
     ]:
         result = invoke(*args)
         assert result.exit_code != 0 and message in result.output, result.output
