@@ -102,7 +102,7 @@ def _restoration_rows(model, clean: torch.Tensor, ids: list[str], reference, set
     spec = model.wrapper_config()["operator"]
     op_family = build_operator(spec)
     method = get_method(model.kind)
-    rows, parts = [], []
+    parts = []
     for lo in range(0, len(clean), settings.batch_size):
         x, batch_ids = clean[lo:lo + settings.batch_size].to(settings.device), ids[lo:lo + settings.batch_size]
         gens = measurement_generators(0, batch_ids, settings.device)
@@ -112,7 +112,7 @@ def _restoration_rows(model, clean: torch.Tensor, ids: list[str], reference, set
             parts.append(method(model, y, op, nfe=settings.restore_nfe,
                                 generator=restoration_generators(0, batch_ids, settings.device)).clamp(-1, 1).cpu())
     restored = torch.cat(parts)
-    rows += [{"metric": "psnr", "nfe": settings.restore_nfe, "value": float(psnr(restored, clean).mean())}]
+    rows = [{"metric": "psnr", "nfe": settings.restore_nfe, "value": float(psnr(restored, clean).mean())}]
     return rows + _fid_rows(restored, reference, settings.restore_nfe, settings)
 
 
@@ -120,7 +120,7 @@ def score_snapshot(model, reference: torch.Tensor, test: tuple[list[str], torch.
                    settings: CurveSettings) -> list[dict]:
     """The learning-curve rows of one model (see the module docstring)."""
     model = model.to(settings.device).eval()
-    if isinstance(model, EDMDenoiser) and type(model) is EDMDenoiser:
+    if type(model) is EDMDenoiser:  # not its subclasses (Palette / I2SB), which restore instead
         samples, nfe = generate(model, settings.n, settings.edm_nfe, batch_size=settings.batch_size,
                                 device=settings.device)
         return _fid_rows(samples, reference, nfe, settings)

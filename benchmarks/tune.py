@@ -23,6 +23,7 @@ as it is. ``OUT/trials.csv`` lists every trial.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -96,7 +97,7 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from benchmarks.runner import run_suite
+    from benchmarks.runner import run_suite, slug
 
     suite = load_suite(suite) if isinstance(suite, str) else suite
     if objective not in METRICS:
@@ -124,7 +125,7 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
         def run_trial(trial, entry=entry, op=op, nfe=nfe, space=space, study_name=study_name) -> float:
             values = _sample(trial, space)
             cell = replace(entry, nfe=(nfe,), operators=(op,), hparams={**entry.hparams, **values})
-            folder = out / "trials" / _slug(study_name) / f"{trial.number:04d}"
+            folder = out / "trials" / slug(study_name) / f"{trial.number:04d}"
             run_suite(replace(heldout, operators=(op,), methods=(cell,)), folder, progress=False, device=device)
             return _score(folder, objective)
 
@@ -164,15 +165,9 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
 def _defaults(entry: MethodEntry, space: dict) -> dict[str, Any]:
     """The method's current values of the searched keywords (suite hparams, else the function's defaults); a
     default that is None (chosen inside the method) is left to the sampler."""
-    import inspect
-
     params = inspect.signature(get_method(entry.name).fn).parameters
     values = {name: entry.hparams.get(name, params[name].default) for name in space}
     return {k: v for k, v in values.items() if v is not None and v is not inspect.Parameter.empty}
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
 
 
 def _tuned_document(suite: Suite, tuned: list[tuple[MethodEntry, str, int, dict]], record: dict) -> dict[str, Any]:

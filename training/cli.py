@@ -393,8 +393,9 @@ def _compute_budget(ctx: click.Context, opts: dict, model, loss, data: ImageData
     Refused when --steps / --images say otherwise. Returns the options and the measured compute record (the trainer
     keeps it instead of measuring again)."""
     batch = opts["batch"]
-    if opts["match_compute"]:
-        target, flag = training_record(opts["match"]).train_gflop, f"--match {opts['match']} --match-compute"
+    ref = training_record(opts["match"]) if opts["match_compute"] else None
+    if ref is not None:
+        target, flag = ref.train_gflop, f"--match {opts['match']} --match-compute"
         what = f"its {format_gflop(target)} training GFLOP"
     else:
         target, flag = opts["budget_gflop"], f"--budget-gflop {opts['budget_gflop']:g}"
@@ -408,7 +409,7 @@ def _compute_budget(ctx: click.Context, opts: dict, model, loss, data: ImageData
     total = steps * batch * per_image
     budget = (f"{steps} steps of {batch} ({format_gflop(total)} training GFLOP at {per_image:.4g} per image, "
               f"{total / target - 1:+.1%})")
-    if opts["match_compute"] and compute_violation(total, training_record(opts["match"])):
+    if ref is not None and compute_violation(total, ref):
         raise click.UsageError(f"{flag}: whole batches of {batch} cannot come within ±{COMPUTE_TOLERANCE:.0%} of "
                                f"{what}: {budget}; choose a smaller --batch")
     explicit = _explicit(ctx, opts)
