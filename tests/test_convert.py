@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from restore.engine.checkpoints import load_model, load_state_dict_file, read_metadata
-from restore.engine.convert import convert_checkpoint, infer_bcm_ict_config
+from restore.engine.convert import convert_checkpoint
+from restore.engine.convert.bcm_ict import infer_bcm_ict_config
 from restore.engine.networks import UNet, UNetConfig
 from restore.engine.wrappers import BCM, ConsistencyModel
 
@@ -60,7 +61,7 @@ def test_convert_scaled_down_official_checkpoint(tmp_path, bidirectional):
     sd = official_like_state_dict(config)
     src = tmp_path / "ema_0.99997_000001.pt"
     torch.save(sd, src)
-    dst = convert_checkpoint(src, tmp_path / "converted.safetensors", num_head_channels=32)
+    dst = convert_checkpoint(src, tmp_path / "converted.safetensors", "bcm-ict", num_head_channels=32)
 
     model = load_model(dst)
     assert type(model) is (BCM if bidirectional else ConsistencyModel)
@@ -85,9 +86,9 @@ def test_mismatching_state_dict_is_an_error(tmp_path):
     sd["middle_block.1.qkv.weight"] = sd["middle_block.1.qkv.weight"][:-1]
     torch.save(sd, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not match the inferred architecture"):
-        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", img_resolution=16, num_head_channels=32)
+        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", "bcm-ict", img_resolution=16, num_head_channels=32)
     with pytest.raises(ValueError, match="unknown checkpoint format 'k-diffusion'"):
-        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", fmt="k-diffusion")
+        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", "k-diffusion")
 
 
 class Payload:
@@ -105,7 +106,7 @@ def test_pickled_objects_are_refused(tmp_path):
     sd = official_like_state_dict(UNetConfig.preset("cifar-tiny", img_resolution=16, attention_resolutions=(8,)))
     torch.save({**sd, "extra": Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refusing to load .*evil.pt"):
-        convert_checkpoint(tmp_path / "evil.pt", tmp_path / "out.safetensors")
+        convert_checkpoint(tmp_path / "evil.pt", tmp_path / "out.safetensors", "bcm-ict")
     assert not marker.exists()
     torch.save({"model": sd}, tmp_path / "nested.pt")  # loadable, but not the official flat layout
     with pytest.raises(ValueError, match="not a flat state dict"):

@@ -129,17 +129,17 @@ def methods(as_json: bool) -> None:
 @main.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--from", "fmt", type=click.Choice(["bcm-ict"]), required=True,
-              help="Upstream format of SRC (bcm-ict: Mosasaur5526/BCM-iCT-torch state dicts).")
-@click.option("--wrapper", type=click.Choice(["bcm", "cm"]), default=None,
-              help="Model wrapper; default: bcm for bidirectional networks, cm otherwise.")
-@click.option("--resolution", default=64, show_default=True, help="Image resolution of the network.")
-@click.option("--head-channels", default=64, show_default=True, help="Channels per attention head.")
+@click.option("--from", "fmt", required=True,
+              help="Upstream format of SRC, e.g. bcm-ict; an unknown name lists the supported ones "
+                   "(docs/models.md#upstream-checkpoints).")
+@click.option("--wrapper", default=None, help="Model wrapper (bcm-ict: bcm or cm; default read off the weights).")
+@click.option("--resolution", type=int, default=None, help="Image resolution of the network (default: the format's).")
+@click.option("--head-channels", type=int, default=None, help="Channels per attention head (default: the format's).")
 @click.option("--fp16", is_flag=True, help="Store weights in float16 (half the size).")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
-def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int, head_channels: int,
+def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int | None, head_channels: int | None,
             fp16: bool, force: bool) -> None:
-    """Convert an upstream checkpoint SRC into a safetensors checkpoint DST (nothing is unpickled)."""
+    """Convert an upstream checkpoint SRC into a safetensors checkpoint DST (no code from SRC is ever run)."""
     import torch
 
     from restore.engine.convert import convert_checkpoint
@@ -148,11 +148,11 @@ def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int
         raise click.ClickException(f"{dst} exists; pass --force to overwrite it")
     if dst.resolve() == src.resolve():
         raise click.ClickException("DST must differ from SRC: inputs are never overwritten")
+    given = {"wrapper": wrapper, "img_resolution": resolution, "num_head_channels": head_channels}
     try:
-        out = convert_checkpoint(src, dst, fmt, wrapper=wrapper, img_resolution=resolution,
-                                 num_head_channels=head_channels,
-                                 dtype=torch.float16 if fp16 else None)
-    except (ValueError, RuntimeError, OSError) as e:
+        out = convert_checkpoint(src, dst, fmt, dtype=torch.float16 if fp16 else None,
+                                 **{k: v for k, v in given.items() if v is not None})
+    except (ValueError, RuntimeError, OSError, TypeError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
     click.echo(str(out))
 

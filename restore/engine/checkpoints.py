@@ -5,7 +5,8 @@ names, docs/models.md#upstream-checkpoints) and string metadata
 
     format   "bcm-restore/1"
     wrapper  registered wrapper name ("edm", "cm", "bcm", ...), see `register_wrapper`
-    unet     JSON of the `UNetConfig`
+    network  registered backbone name (`restore.engine.networks.NETWORKS`); absent in older files: "adm"
+    unet     JSON of the backbone's config (`UNetConfig` for "adm")
     sigma_min, sigma_max, sigma_data   the wrapper's noise-level constants
     dtype    storage dtype of the floating-point tensors ("float32", "float16", ...)
     card     optional JSON model card (free-form dict: data, training, metrics, licence)
@@ -32,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from restore.engine.networks import UNet, UNetConfig
+from restore.engine.networks import build_network, network_name
 from restore.engine.wrappers import get_wrapper, wrapper_name
 from restore.runtime.files import atomic_path
 
@@ -97,15 +98,14 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
                card: dict[str, Any] | None = None) -> Path:
-    """Write a registered wrapper (its ``.net`` UNet and sigma constants) as a ``bcm-restore/1`` safetensors file.
+    """Write a registered wrapper (its ``.net`` backbone and sigma constants) as a ``bcm-restore/1`` safetensors file.
 
     ``dtype`` (e.g. ``torch.float16``) converts floating-point tensors for storage; `load_model`
     converts back to the requested dtype. ``card`` is an optional JSON-serialisable model card.
     """
     name = wrapper_name(model)
     net = model.net
-    if not isinstance(net, UNet):
-        raise ValueError(f"model.net must be a UNet, got {type(net).__qualname__}")
+    network = network_name(net)
     tensors = {}
     for key, t in net.state_dict().items():
         t = t.detach().to("cpu")
@@ -116,6 +116,7 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
     metadata = {
         "format": FORMAT,
         "wrapper": name,
+        "network": network,
         "unet": json.dumps(net.config.to_dict()),
         "sigma_min": repr(float(model.sigma_min)),
         "sigma_max": repr(float(model.sigma_max)),
@@ -142,7 +143,7 @@ def _readable(path: Path):
 
 
 def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
-    """Decoded metadata of a checkpoint (no tensors read): wrapper, unet (dict), sigma_*, dtype, card,
+    """Decoded metadata of a checkpoint (no tensors read): wrapper, network, unet (dict), sigma_*, dtype, card,
     wrapper_config (dict, empty for wrappers without settings of their own)."""
     path = resolve_model_path(name_or_path)
     with _readable(path), safe_open(str(path), framework="pt") as f:
@@ -150,7 +151,8 @@ def read_metadata(name_or_path: str | Path) -> dict[str, Any]:
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={raw.get('format')!r}); "
                          "convert upstream checkpoints with `restore convert`")
-    meta: dict[str, Any] = {"format": FORMAT, "wrapper": raw["wrapper"], "unet": json.loads(raw["unet"]),
+    meta: dict[str, Any] = {"format": FORMAT, "wrapper": raw["wrapper"], "network": raw.get("network", "adm"),
+                            "unet": json.loads(raw["unet"]),
                             "dtype": raw.get("dtype", "")}
     for key in ("sigma_min", "sigma_max", "sigma_data"):
         meta[key] = float(raw[key])
@@ -176,14 +178,14 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a ``bcm-restore/1`` checkpoint (path or bundled name) as its registered wrapper, in eval mode.
 
-    The UNet is built on the meta device and takes the file's tensors directly (no double allocation);
+    The backbone is built on the meta device and takes the file's tensors directly (no double allocation);
     keys must match exactly. The model card, if any, is attached as ``model.card``.
     """
     path = resolve_model_path(name_or_path)
     meta = read_metadata(path)
     cls = get_wrapper(meta["wrapper"])
     with torch.device("meta"):
-        net = UNet(UNetConfig.from_dict(meta["unet"]))
+        net = build_network(meta["network"], meta["unet"])
     with _readable(path):
         tensors = load_file(str(path), device=str(torch.device(device)))
     net.load_state_dict(tensors, strict=True, assign=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from restore.engine.checkpoints import read_metadata
-from restore.engine.networks.unet import UNet, UNetConfig
+from restore.engine.networks import build_network
 
 __all__ = ["TOLERANCE", "COMPUTE_TOLERANCE", "U_BRANCH", "backbone_parameters", "parameter_violation",
            "compute_violation", "budget_matches", "format_gflop", "TrainingRecord", "training_record", "violations"]
@@ -104,7 +104,7 @@ def training_record(name_or_path: str | Path) -> TrainingRecord:
     """The :class:`TrainingRecord` of a checkpoint (path or bundled name); reads metadata only, no weights."""
     meta = read_metadata(name_or_path)
     with torch.device("meta"):
-        net = UNet(UNetConfig.from_dict(meta["unet"]))
+        net = build_network(meta["network"], meta["unet"])
     base = dict(model=str(name_or_path), wrapper=meta["wrapper"], parameters=sum(p.numel() for p in net.parameters()),
                 backbone_parameters=backbone_parameters(net))
     card = meta["card"] or {}

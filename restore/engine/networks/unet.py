@@ -156,6 +156,8 @@ class UNet(nn.Module):
     ResBlock additively.
     """
 
+    config_class = UNetConfig
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config

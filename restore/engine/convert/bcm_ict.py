@@ -1,27 +1,23 @@
-"""Convert upstream checkpoints to this package's safetensors format (`restore convert`).
+"""``bcm-ict``: Mosasaur5526/BCM-iCT-torch (Li & He 2024, "Bidirectional Consistency Models").
 
-Supported format:
-
-* ``bcm-ict`` — Mosasaur5526/BCM-iCT-torch (Li & He 2024, "Bidirectional Consistency Models"):
-  ``torch.save`` of a flat, un-prefixed fp32 ``state_dict`` of the ADM ``UNetModel``
-  (docs/models.md#upstream-checkpoints), e.g. ``bcf_imagenet64_no32_qkv_4096/ema_0.99997_234000.pt`` (BCM) or the iCT
-  ones. The architecture is read off the keys and shapes; BCM checkpoints (with ``time_embed_end.*``) become a "bcm"
-  wrapper, iCT ones a "cm" wrapper. Loaded with ``torch.load(weights_only=True)``: nothing is unpickled.
+``torch.save`` of a flat, un-prefixed fp32 ``state_dict`` of the ADM ``UNetModel``
+(docs/models.md#upstream-checkpoints), e.g. ``bcf_imagenet64_no32_qkv_4096/ema_0.99997_234000.pt`` (BCM) or the iCT
+ones. The architecture is read off the keys and shapes; BCM checkpoints (with ``time_embed_end.*``) become a "bcm"
+wrapper, iCT ones a "cm" wrapper. Loaded with ``torch.load(weights_only=True)``: nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import nn
 
-from restore.engine.checkpoints import load_state_dict_file, save_model
+from restore.engine.checkpoints import load_state_dict_file
+from restore.engine.convert import register_converter
 from restore.engine.networks import UNet, UNetConfig
 from restore.engine.wrappers import get_wrapper
-
-FORMATS = ("bcm-ict",)
 
 # Noise-level constants of the official models (docs/methods.md#bcm-parametrisation).
 _BCM_ICT_SIGMAS = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5}
@@ -72,16 +68,13 @@ def infer_bcm_ict_config(sd: dict[str, torch.Tensor], *, img_resolution: int = 6
     )
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str = "bcm-ict", *, wrapper: str | None = None,
-                       img_resolution: int = 64, num_head_channels: int = 64, dtype: torch.dtype | None = None,
-                       card: dict[str, Any] | None = None) -> Path:
-    """Convert an upstream checkpoint ``src`` to a ``bcm-restore/1`` safetensors file ``dst``.
+def read_bcm_ict(src: str | Path, *, wrapper: str | None = None, img_resolution: int = 64,
+                 num_head_channels: int = 64) -> nn.Module:
+    """The wrapped model of an official BCM/iCT state dict ``src``.
 
     ``wrapper`` defaults to "bcm" for bidirectional networks and "cm" otherwise. The state dict is
     loaded into the inferred UNet with ``strict=True``, so any key or shape mismatch is an error.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; supported: {', '.join(FORMATS)}")
     sd = load_state_dict_file(src)
     config = infer_bcm_ict_config(sd, img_resolution=img_resolution, num_head_channels=num_head_channels)
     with torch.device("meta"):
@@ -91,6 +84,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str = "bcm-ict", *
     except RuntimeError as e:
         raise ValueError(f"{src} does not match the inferred architecture {config}: {e}") from None
     name = wrapper or ("bcm" if config.bidirectional else "cm")
-    model = get_wrapper(name)(net, **_BCM_ICT_SIGMAS)
-    card = {"source": str(Path(src).name), "source_format": fmt, **(card or {})}
-    return save_model(model, dst, dtype=dtype, card=card)
+    return get_wrapper(name)(net, **_BCM_ICT_SIGMAS)
+
+
+register_converter("bcm-ict", read_bcm_ict, "Mosasaur5526/BCM-iCT-torch state dicts (BCM, iCT; ImageNet-64)")
