@@ -86,7 +86,8 @@ def test_mismatching_state_dict_is_an_error(tmp_path):
     sd["middle_block.1.qkv.weight"] = sd["middle_block.1.qkv.weight"][:-1]
     torch.save(sd, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not match the inferred architecture"):
-        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", "bcm-ict", img_resolution=16, num_head_channels=32)
+        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", "bcm-ict", img_resolution=16,
+                           num_head_channels=32)
     with pytest.raises(ValueError, match="unknown checkpoint format 'k-diffusion'"):
         convert_checkpoint(tmp_path / "bad.pt", tmp_path / "out.safetensors", "k-diffusion")
 
