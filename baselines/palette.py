@@ -73,7 +73,7 @@ class Palette(EDMDenoiser):
         self.operator = build_operator(operator).spec
 
     def wrapper_config(self) -> dict:
-        return {"operator": self.operator}
+        return {**super().wrapper_config(), "operator": self.operator}
 
     def extra_repr(self) -> str:
         return f"operator={self.operator!r}, {super().extra_repr()}"

@@ -113,3 +113,21 @@ def test_pickled_objects_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a flat state dict"):
         load_state_dict_file(tmp_path / "nested.pt")
 
+
+
+@pytest.mark.parametrize("order", ["heads-three-dim", "heads-dim-three"])
+def test_qkv_row_permutation_matches_the_index_formula(order):
+    """new[j] = old[perm[j]] with j running over (three, head, i), outer to inner (docs/models.md)."""
+    from restore.engine.convert.layout import qkv_rows_to_native
+
+    heads, d = 3, 4
+    old = torch.randn(3 * heads * d, 5, 1, 1)
+    if order == "heads-three-dim":
+        perm = [h * 3 * d + t * d + i for t in range(3) for h in range(heads) for i in range(d)]
+    else:
+        perm = [h * 3 * d + i * 3 + t for t in range(3) for h in range(heads) for i in range(d)]
+    assert torch.equal(qkv_rows_to_native(old, heads, order), old[perm])
+    assert torch.equal(qkv_rows_to_native(old[:, 0, 0, 0], heads, order), old[perm, 0, 0, 0])
+    assert torch.equal(qkv_rows_to_native(old, heads, "three-heads-dim"), old)
+    with pytest.raises(ValueError, match="do not split"):
+        qkv_rows_to_native(old[:-1], heads, order)

@@ -330,3 +330,21 @@ def test_wrappers_are_registered_for_load_model():
     from restore.engine.wrappers import get_wrapper
 
     assert (get_wrapper("edm"), get_wrapper("cm"), get_wrapper("bcm")) == (EDMDenoiser, ConsistencyModel, BCM)
+
+
+def test_edm_noise_label_is_saved_and_reaches_the_network(tmp_path):
+    """noise_label="log4" (NVlabs EDM's c_noise = ln(sigma)/4) reaches the net and survives save/load."""
+    from restore.engine.checkpoints import load_model, save_model
+    from restore.engine.networks import UNet, UNetConfig
+
+    seen = []
+    net = UNet(UNetConfig.preset("cifar-tiny", img_resolution=8, attention_resolutions=()))
+    net.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+    model = EDMDenoiser(net, noise_label="log4")
+    model(torch.zeros(2, 3, 8, 8), 2.0)
+    torch.testing.assert_close(seen[-1], torch.full((2,), math.log(2.0) / 4))
+    loaded = load_model(save_model(model, tmp_path / "edm.safetensors"))
+    assert loaded.noise_label == "log4" and loaded.wrapper_config() == {"noise_label": "log4"}
+    assert EDMDenoiser(net).wrapper_config() == {}
+    with pytest.raises(ValueError, match="unknown noise_label"):
+        EDMDenoiser(net, noise_label="vp")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from restore.engine.networks import UNet, UNetConfig, count_parameters
-from restore.engine.networks.layers import AttentionBlock, SyncDropout, timestep_embedding
+from restore.engine.networks.layers import AttentionBlock, ResBlock, SyncDropout, timestep_embedding
 
 # key -> shape of the official BCM ImageNet-64 state dict (read off the released checkpoint; tests/data/README.md)
 LAYOUT = Path(__file__).resolve().parent / "data" / "bcm_imagenet64_layout.json"
@@ -231,3 +231,21 @@ def test_config_dict_round_trip_and_validation():
     for change in bad:
         with pytest.raises(ValueError):
             dataclasses.replace(UNetConfig.preset("cifar-tiny"), **change)
+
+
+def test_scale_shift_norm_follows_adm_formula():
+    """use_scale_shift_norm: emb_layers gives 2C = (scale, shift); h = GN(h)(1 + scale) + shift, then SiLU, conv."""
+    torch.manual_seed(0)
+    block = ResBlock(32, 16, 0.0, 64, scale_shift=True).eval()
+    torch.nn.init.normal_(block.out_layers[3].weight, std=0.1)
+    assert block.emb_layers[1].out_features == 128
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
+    h = block.in_layers(x)
+    scale, shift = block.emb_layers(emb)[:, :64, None, None], block.emb_layers(emb)[:, 64:, None, None]
+    h = block.out_layers[3](torch.nn.functional.silu(block.out_layers[0](h) * (1 + scale) + shift))
+    torch.testing.assert_close(block(x, emb), block.skip_connection(x) + h)
+    cfg = tiny(scale_shift_norm=True)
+    net = random_unet(cfg).eval()
+    assert all(m.scale_shift for m in net.modules() if isinstance(m, ResBlock))
+    x, kw = inputs(cfg)
+    assert net(x, **kw).shape == x.shape

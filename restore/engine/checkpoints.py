@@ -10,8 +10,9 @@ names, docs/models.md#upstream-checkpoints) and string metadata
     sigma_min, sigma_max, sigma_data   the wrapper's noise-level constants
     dtype    storage dtype of the floating-point tensors ("float32", "float16", ...)
     card     optional JSON model card (free-form dict: data, training, metrics, licence)
-    wrapper_config   optional JSON of ``model.wrapper_config()`` (wrappers with more settings than the sigmas,
-                     e.g. the operator a conditional baseline was trained for); passed back as keyword arguments
+    wrapper_config   optional JSON of ``model.wrapper_config()`` when not empty (settings beyond the sigmas, e.g. the
+                     operator a conditional baseline was trained for, a non-default noise label); passed back as
+                     keyword arguments
 
 Nothing is ever unpickled: safetensors files are read with ``safetensors.torch.load_file`` and
 upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`).
@@ -123,8 +124,9 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
         "sigma_data": repr(float(model.sigma_data)),
         "dtype": ",".join(sorted(stored)),
     }
-    if hasattr(model, "wrapper_config"):
-        metadata["wrapper_config"] = json.dumps(model.wrapper_config())
+    settings = model.wrapper_config() if hasattr(model, "wrapper_config") else {}
+    if settings:
+        metadata["wrapper_config"] = json.dumps(settings)
     if card is not None:
         metadata["card"] = json.dumps(card)
     with atomic_path(path) as tmp:  # a crash never leaves a truncated checkpoint

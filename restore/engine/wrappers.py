@@ -4,8 +4,10 @@ a consistency model or a bidirectional consistency model.
 Every wrapper is an ``nn.Module`` holding ``.net``, the constants ``sigma_min``, ``sigma_max`` and
 ``sigma_data``, and ``.counter`` (`restore.engine.nfe.NFECounter`), incremented on every network call.
 The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, cond=None)`` whose
-noise labels are already transformed: the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
-label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); ``noise_u`` is passed only by `BCM`.
+noise labels are already transformed: by default the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
+label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); a wrapper built with
+``noise_label="log4"`` passes NVlabs EDM's ``ln(sigma) / 4`` instead (`NOISE_LABELS`, saved with the checkpoint);
+``noise_u`` is passed only by `BCM`.
 
 Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
 Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
@@ -71,6 +73,11 @@ def noise_label(sigma: torch.Tensor) -> torch.Tensor:
     return 250.0 * torch.log(sigma)
 
 
+# The noise label each checkpoint family's network was trained with, by name (docs/models.md#upstream-checkpoints):
+# "250log" for this package, BCM/iCT and openai CM; "log4" for NVlabs EDM's EDMPrecond (Karras et al. 2022, Table 1).
+NOISE_LABELS = {"250log": noise_label, "log4": lambda sigma: 0.25 * torch.log(sigma)}
+
+
 def sigma_from_label(label: torch.Tensor) -> torch.Tensor:
     """Inverse of `noise_label`."""
     return torch.exp(label / 250.0)
@@ -126,10 +133,14 @@ class _PreconditionedModel(nn.Module):
     bidirectional = False
 
     def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
-                 sigma_max: float = SIGMA_MAX, autocast_dtype: torch.dtype | None = None):
+                 sigma_max: float = SIGMA_MAX, autocast_dtype: torch.dtype | None = None, noise_label: str = "250log"):
         super().__init__()
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if noise_label not in NOISE_LABELS:
+            raise ValueError(f"unknown noise_label {noise_label!r}; known: {sorted(NOISE_LABELS)}")
+        self.noise_label = noise_label
+        self._label = NOISE_LABELS[noise_label]
         self.net = net
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
@@ -137,9 +148,13 @@ class _PreconditionedModel(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.counter = NFECounter()
 
+    def wrapper_config(self) -> dict:
+        """Settings beyond the sigmas that a checkpoint must restore (only the non-default noise label here)."""
+        return {} if self.noise_label == "250log" else {"noise_label": self.noise_label}
+
     def extra_repr(self) -> str:
         return (f"sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
-                f"autocast_dtype={self.autocast_dtype}")
+                f"autocast_dtype={self.autocast_dtype}, noise_label={self.noise_label!r}")
 
     @staticmethod
     def _prepare(x: torch.Tensor, *levels) -> tuple[torch.Tensor, ...]:
@@ -161,10 +176,10 @@ class _PreconditionedModel(nn.Module):
         return None if p is None else p.dtype
 
     def _run_net(self, x_in: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None, cond: dict) -> torch.Tensor:
-        """F(c_in x, 250 ln t [, 250 ln u], **cond), counted; returned in x_in's dtype."""
+        """F(c_in x, label(t) [, label(u)], **cond), counted; returned in x_in's dtype."""
         kwargs = dict(cond)
         if u is not None:
-            kwargs["noise_u"] = noise_label(u)
+            kwargs["noise_u"] = self._label(u)
         inp = x_in
         if self.autocast_dtype is None:
             # A network stored in half precision gets its input in its own dtype (autocast does this otherwise).
@@ -173,13 +188,13 @@ class _PreconditionedModel(nn.Module):
                 inp = x_in.to(net_dtype)
         with torch.autocast(x_in.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            out = self.net(inp, noise_label(t), **kwargs)
+            out = self.net(inp, self._label(t), **kwargs)
         return self.counter.record(out).to(x_in.dtype)
 
 
 class EDMDenoiser(_PreconditionedModel):
     """EDM-preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022,
-    Eq. 7 and Table 1), with the ADM-style label c_noise = 250 ln sigma. ``model(x, sigma, **cond) -> x0_hat``.
+    Eq. 7 and Table 1), with the ADM-style label c_noise = 250 ln sigma (or EDM's ln(sigma)/4, ``noise_label="log4"``). ``model(x, sigma, **cond) -> x0_hat``.
     """
 
     kind = "edm"

@@ -77,22 +77,25 @@ class SyncDropout(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """ADM residual block without scale-shift norm; ``up``/``down`` resample inside the block.
+    """ADM residual block; ``up``/``down`` resample inside the block.
 
-    h = in_layers(x) [GN, SiLU, (resample), conv3x3]; h += emb_layers(emb); h = out_layers(h)
+    h = in_layers(x) [GN, SiLU, (resample), conv3x3]; then either h += emb_layers(emb) (BCM/iCT) or, with
+    ``scale_shift`` (ADM's ``use_scale_shift_norm``, Dhariwal & Nichol 2021, Sec. 3), emb_layers(emb) gives
+    (scale, shift) and h = GN(h) (1 + scale) + shift before the rest of out_layers; h = out_layers(h)
     [GN, SiLU, dropout, zero conv3x3]; returns skip(x) + h, with x resampled like h and skip a
     1x1 conv when the channel count changes (official ``ResBlock._forward``).
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
-                 up: bool = False, down: bool = False):
+                 up: bool = False, down: bool = False, scale_shift: bool = False):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.resample = "up" if up else "down" if down else None
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.scale_shift = scale_shift
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if scale_shift else 1) * out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(out_channels), nn.SiLU(), SyncDropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -109,8 +112,13 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, act, conv = self.in_layers
         h = conv(self._resample(act(norm(x))))  # ADM resamples between the activation and the conv
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(self._resample(x)) + self.out_layers(h)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb_out.chunk(2, dim=1)  # scale first, as in ADM
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(self._resample(x)) + h
 
 
 class AttentionBlock(nn.Module):

@@ -43,6 +43,8 @@ class UNetConfig:
     at levels of resolution <= 16 and in the middle block (None: same as ``dropout``).
     ``cond_channels`` extra input channels are concatenated to x (conditional baselines).
     ``bidirectional`` adds the u embedding (``time_embed_end`` + bias-free ``time_embed_align``).
+    ``qkv_norm`` (BCM's QKV normalisation) and ``scale_shift_norm`` (ADM's ``use_scale_shift_norm``) are the
+    switches other ADM-family checkpoints differ in (docs/models.md#upstream-checkpoints).
     """
 
     img_resolution: int
@@ -60,6 +62,7 @@ class UNetConfig:
     bidirectional: bool = False
     resblock_updown: bool = True
     qkv_norm: bool = True
+    scale_shift_norm: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -153,7 +156,7 @@ class UNet(nn.Module):
     (the wrappers pass 250 ln sigma). The time embedding is MLP(sinusoid(noise_t)); bidirectional nets
     mix it with MLP'(sinusoid(noise_u)) through the bias-free ``time_embed_align``
     (docs/methods.md#bcm-parametrisation), and class-conditional nets add ``label_emb``. The embedding enters every
-    ResBlock additively.
+    ResBlock (additively, or as scale and shift with ``scale_shift_norm``).
     """
 
     config_class = UNetConfig
@@ -173,6 +176,9 @@ class UNet(nn.Module):
         def attention(ch: int) -> AttentionBlock:
             return AttentionBlock(ch, cfg.num_head_channels, qkv_norm=cfg.qkv_norm)
 
+        def resblock(*args, **kwargs) -> ResBlock:
+            return ResBlock(*args, scale_shift=cfg.scale_shift_norm, **kwargs)
+
         ch = int(cfg.channel_mult[0] * mc)
         stem = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
         self.input_blocks = nn.ModuleList([EmbedSequential(stem)])
@@ -181,31 +187,31 @@ class UNet(nn.Module):
         for level, (mult, res) in enumerate(zip(cfg.channel_mult, cfg.level_resolutions)):
             p = cfg.level_dropout(res)
             for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_ch, p, int(mult * mc))]
+                layers: list[nn.Module] = [resblock(ch, emb_ch, p, int(mult * mc))]
                 ch = int(mult * mc)
                 if res in cfg.attention_resolutions:
                     layers.append(attention(ch))
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != last:
-                down = ResBlock(ch, emb_ch, p, down=True) if cfg.resblock_updown else Downsample(ch)
+                down = resblock(ch, emb_ch, p, down=True) if cfg.resblock_updown else Downsample(ch)
                 self.input_blocks.append(EmbedSequential(down))
                 skip_channels.append(ch)
 
         p_mid = cfg.level_dropout(0)
-        self.middle_block = EmbedSequential(ResBlock(ch, emb_ch, p_mid), attention(ch), ResBlock(ch, emb_ch, p_mid))
+        self.middle_block = EmbedSequential(resblock(ch, emb_ch, p_mid), attention(ch), resblock(ch, emb_ch, p_mid))
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
             mult, res = cfg.channel_mult[level], cfg.level_resolutions[level]
             p = cfg.level_dropout(res)
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, p, int(mult * mc))]
+                layers = [resblock(ch + skip_channels.pop(), emb_ch, p, int(mult * mc))]
                 ch = int(mult * mc)
                 if res in cfg.attention_resolutions:
                     layers.append(attention(ch))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(ResBlock(ch, emb_ch, p, up=True) if cfg.resblock_updown else Upsample(ch))
+                    layers.append(resblock(ch, emb_ch, p, up=True) if cfg.resblock_updown else Upsample(ch))
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
