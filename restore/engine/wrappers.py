@@ -194,7 +194,8 @@ class _PreconditionedModel(nn.Module):
 
 class EDMDenoiser(_PreconditionedModel):
     """EDM-preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022,
-    Eq. 7 and Table 1), with the ADM-style label c_noise = 250 ln sigma (or EDM's ln(sigma)/4, ``noise_label="log4"``). ``model(x, sigma, **cond) -> x0_hat``.
+    Eq. 7 and Table 1), with the ADM-style label c_noise = 250 ln sigma (or EDM's ln(sigma)/4,
+    ``noise_label="log4"``). ``model(x, sigma, **cond) -> x0_hat``.
     """
 
     kind = "edm"
