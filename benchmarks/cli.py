@@ -280,13 +280,18 @@ def report(results: Path, out: Path | None, grid_nfe: int | None) -> None:
 @click.option("--n", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Samples per NFE, reference images and inverted images.")
 @click.option("--nfe", "nfes", default="1,2,3,4", show_default=True, callback=_int_list,
-              help="Generation NFE budgets (EDM: odd, 2 Heun steps - 1).")
+              help="Generation NFE budgets (EDM: odd = 2 Heun steps - 1 ending at 0, even = 2 per step).")
 @click.option("--inversion-nfe", "inversion_nfes", default="1,2", show_default=True, callback=_int_list,
               help="Inversion NFE budgets (EDM: even, 2 per Heun step); empty to skip.")
+@click.option("--edm-sampler", type=click.Choice(["heun", "bdia-edm"]), default="heun", show_default=True,
+              help="Sampler and inversion of an EDM model: EDM's Heun, or BDIA-EDM (exact inversion).")
+@click.option("--gamma", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True,
+              help="BDIA's gamma for --edm-sampler bdia-edm.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 def generation(model: str, out: Path, data: str, reference_split: str, inversion_split: str, n: int,
-               nfes: list[int], inversion_nfes: list[int], seed: int, batch_size: int) -> None:
+               nfes: list[int], inversion_nfes: list[int], edm_sampler: str, gamma: float, seed: int,
+               batch_size: int) -> None:
     """Generation and inversion quality of MODEL: FID/KID vs NFE, inversion MSE vs NFE, sample grids.
 
     Writes results.csv (long format), summary.md / summary.json and PNG grids to --out; prints the summary.
@@ -313,17 +318,19 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
         raise click.ClickException(str(e).splitlines()[0]) from None
     out.mkdir(parents=True, exist_ok=True)
     reference = reference_set.get_batch(range(min(n, len(reference_set))))[1]
-    rows, samples = evaluate_generation(net, reference, nfes, n=n, seed=seed, batch_size=batch_size)
+    sampler = {"edm_sampler": edm_sampler, "gamma": gamma}
+    rows, samples = evaluate_generation(net, reference, nfes, n=n, seed=seed, batch_size=batch_size, **sampler)
     for nfe, x in samples.items():
         write_png(image_grid(from_uint8(x[:64]), 8)[None], out / f"samples_nfe{nfe}.png")
     if inversion_nfes:
         images = inverted_set.get_batch(range(min(n, len(inverted_set))))[1]
-        inv_rows, recs = evaluate_inversion(net, images, inversion_nfes, seed=seed, batch_size=batch_size)
+        inv_rows, recs = evaluate_inversion(net, images, inversion_nfes, seed=seed, batch_size=batch_size, **sampler)
         rows += inv_rows
         strip = torch.cat([images[:16], *(recs[k][:16] for k in inversion_nfes)])  # rows: input, then per NFE
         write_png(image_grid(strip, 16)[None], out / "inversion.png")
 
-    frame = pd.DataFrame(rows).assign(model=str(model), dataset=data, seed=seed)
+    label = edm_sampler if edm_sampler == "heun" else f"{edm_sampler} gamma={gamma:g}"
+    frame = pd.DataFrame(rows).assign(model=str(model), dataset=data, seed=seed, sampler=label)
     write_csv_atomic(frame, out / "results.csv")
     summary = (frame.groupby(["metric", "nfe"], as_index=False)["value"].mean()
                .pivot(index="nfe", columns="metric", values="value"))

@@ -5,13 +5,15 @@ The protocols of the BCM paper (Li & He 2024; docs/design.md#generation-and-inve
 * Generation: image ``k`` starts from x_T = sigma_max z_k, with z_k drawn from the generator seeded by
   ``(seed, k)`` (`operators.utils.image_seed`), so samples do not depend on the batch size. BCMs use the
   paper's chains (one-step, ancestral, zigzag, mixed for NFE 1-4, `restore.engine.sampling.sample_bcm`);
-  consistency models CM multistep sampling on Karras levels; EDM denoisers the Heun sampler
-  (NFE = 2 steps - 1). FID/KID against a reference set go through `benchmarks.fid`.
+  consistency models CM multistep sampling on Karras levels; EDM denoisers the Heun sampler or BDIA-EDM
+  (``edm_sampler="bdia-edm"``, `restore.engine.exact_inversion.bdia_sample` with ``heun=True``), both on Karras
+  levels: an odd NFE is 2 steps - 1 ending at 0 (EDM's), an even NFE 2 per step ending at sigma_min.
+  FID/KID against a reference set go through `benchmarks.fid`.
 * Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.engine.bcm_inversion`); the error is
   `restore.engine.bcm_inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
   (0.07, 15, 80) for 1 and 2 NFE (the paper's), Karras-spaced levels between 0.07 and 80 beyond that (our
   choice; the paper gives no levels). EDM models integrate the ODE up and down with Heun steps on the
-  same Karras levels.
+  same Karras levels, or with BDIA-EDM invert exactly (`bdia_invert`, regenerating from the returned pair).
 
 The reported NFE is counted (`restore.engine.nfe`), per image.
 """
@@ -27,12 +29,14 @@ import torch
 
 from operators.utils import make_generators, randn, to_uint8
 from restore.engine.bcm_inversion import bcm_reconstruct, inversion_mse
+from restore.engine.exact_inversion import bdia_invert, bdia_sample
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
 from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 
 INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
+EDM_SAMPLERS = ("heun", "bdia-edm")
 
 
 def inversion_levels(nfe: int, sigma_max: float = 80.0, start: float = INVERSION_NOISE) -> tuple[float, ...]:
@@ -44,13 +48,22 @@ def inversion_levels(nfe: int, sigma_max: float = 80.0, start: float = INVERSION
     return tuple(karras_sigmas(nfe + 1, start, sigma_max, append_zero=False).flip(0).tolist())
 
 
-def _heun_steps(nfe: int) -> int:
-    if nfe < 1 or nfe % 2 == 0:
-        raise ValueError(f"the EDM Heun sampler costs 2 steps - 1 NFE (odd), got NFE {nfe}")
-    return (nfe + 1) // 2
+def edm_levels(nfe: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Descending Karras levels on which Heun (or BDIA-EDM) costs exactly ``nfe``: odd -> (nfe + 1) / 2 steps
+    ending at 0 (the last one Euler, EDM's default), even -> nfe / 2 Heun steps ending at sigma_min."""
+    if nfe < 1:
+        raise ValueError(f"EDM sampling NFE must be >= 1, got {nfe}")
+    if nfe % 2:
+        return karras_sigmas((nfe + 1) // 2, sigma_min, sigma_max)
+    return karras_sigmas(nfe // 2 + 1, sigma_min, sigma_max, append_zero=False)
 
 
-def _sample(model, x_T: torch.Tensor, nfe: int, generators) -> torch.Tensor:
+def _check_edm_sampler(edm_sampler: str) -> None:
+    if edm_sampler not in EDM_SAMPLERS:
+        raise ValueError(f"unknown EDM sampler {edm_sampler!r}; known: {', '.join(EDM_SAMPLERS)}")
+
+
+def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, gamma: float) -> torch.Tensor:
     if isinstance(model, BCM):
         return sample_bcm(model, x_T, nfe, generator=generators)
     if isinstance(model, ConsistencyModel):
@@ -58,15 +71,19 @@ def _sample(model, x_T: torch.Tensor, nfe: int, generators) -> torch.Tensor:
         levels = karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max, append_zero=False).tolist()
         return sample_cm_multistep(model, x_T, levels, generator=generators)
     if isinstance(model, EDMDenoiser):
-        sigmas = karras_sigmas(_heun_steps(nfe), model.sigma_min, model.sigma_max)
+        sigmas = edm_levels(nfe, model.sigma_min, model.sigma_max)
+        if edm_sampler == "bdia-edm":
+            return bdia_sample(model, x_T, sigmas, gamma, heun=True)
         return sample_heun(model, x_T, sigmas)
     raise TypeError(f"no sampler for {type(model).__name__}")
 
 
 def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
-             image_shape: tuple[int, int, int] | None = None,
-             device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
-    """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image."""
+             image_shape: tuple[int, int, int] | None = None, device: str | torch.device = "cpu",
+             edm_sampler: str = "heun", gamma: float = 0.5) -> tuple[torch.Tensor, float]:
+    """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image; ``edm_sampler`` / ``gamma`` choose
+    the sampler of an EDM denoiser (BDIA's gamma for "bdia-edm")."""
+    _check_edm_sampler(edm_sampler)
     shape = image_shape or (model.net.config.out_channels, model.net.config.img_resolution,
                             model.net.config.img_resolution)
     out, forward = [], 0
@@ -75,17 +92,20 @@ def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
             ids = range(start, min(n, start + batch_size))
             gens = make_generators(seed, ids, device)
             x_T = model.sigma_max * randn((len(ids), *shape), gens, device=device)
-            out.append(to_uint8(_sample(model, x_T, nfe, gens)).cpu())
+            out.append(to_uint8(_sample(model, x_T, nfe, gens, edm_sampler, gamma)).cpu())
             forward = tally.forward
     return torch.cat(out), forward / math.ceil(n / batch_size)
 
 
-def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None) -> torch.Tensor:
+def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None,
+                edm_sampler: str = "heun", gamma: float = 0.5) -> torch.Tensor:
     """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them.
 
     BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` must be even; ``nfe / 2`` Heun
-    steps up and the same levels back down.
+    steps up and the same levels back down (Heun: ODE inversion; "bdia-edm": exact BDIA-EDM inversion, the
+    regeneration starting from the returned pair, so it costs 2 NFE less).
     """
+    _check_edm_sampler(edm_sampler)
     ids = range(len(images)) if ids is None else ids
     gens = make_generators(seed, ids, images.device)
     if isinstance(model, BCM):
@@ -94,6 +114,9 @@ def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Se
         if nfe < 2 or nfe % 2:
             raise ValueError(f"EDM ODE inversion costs 2 NFE per Heun step (even), got {nfe}")
         levels = karras_sigmas(nfe // 2 + 1, model.sigma_min, model.sigma_max, append_zero=False)
+        if edm_sampler == "bdia-edm":
+            return bdia_sample(model, bdia_invert(model, images, levels.flip(0), gamma, heun=True), levels, gamma,
+                               heun=True)
         latent = edm_ode_invert(model, images, levels.flip(0))
         return sample_heun(model, latent, levels)
     raise TypeError(f"{type(model).__name__} cannot invert images")
@@ -104,8 +127,8 @@ def _row(metric: str, value: float, nfe: float, seconds: float, **fields) -> dic
 
 
 def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Sequence[int], *, n: int = 1000,
-                        seed: int = 0, batch_size: int = 250,
-                        fid_cache=None) -> tuple[list[dict], dict[int, torch.Tensor]]:
+                        seed: int = 0, batch_size: int = 250, fid_cache=None, edm_sampler: str = "heun",
+                        gamma: float = 0.5) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """FID and KID of ``n`` samples per NFE against ``reference`` (an image set as `benchmarks.fid` takes it).
     Returns rows
     (``metric, value, nfe, seconds``; seconds = sampling time per image) and the samples per NFE."""
@@ -114,7 +137,7 @@ def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Seque
     rows, samples = [], {}
     for nfe in nfes:
         start = time.perf_counter()
-        x, counted = generate(model, n, nfe, seed=seed, batch_size=batch_size)
+        x, counted = generate(model, n, nfe, seed=seed, batch_size=batch_size, edm_sampler=edm_sampler, gamma=gamma)
         seconds = (time.perf_counter() - start) / n
         scores = compute_fid_kid(x, reference, cache=fid_cache)
         rows += [_row("fid", scores["fid"], counted, seconds, n=n),
@@ -123,8 +146,8 @@ def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Seque
     return rows, samples
 
 
-def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed: int = 0,
-                       batch_size: int = 250) -> tuple[list[dict], dict[int, torch.Tensor]]:
+def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed: int = 0, batch_size: int = 250,
+                       edm_sampler: str = "heun", gamma: float = 0.5) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Per-image inversion MSE for each inversion NFE (rows with ``image_id`` = index); also the
     reconstructions per NFE, in [-1, 1]."""
     rows, recs = [], {}
@@ -134,7 +157,8 @@ def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed
         with torch.inference_mode(), model.counter.counting() as tally:
             for lo in range(0, len(images), batch_size):
                 batch = images[lo:lo + batch_size]
-                parts.append(reconstruct(model, batch, nfe, seed=seed, ids=range(lo, lo + len(batch))))
+                parts.append(reconstruct(model, batch, nfe, seed=seed, ids=range(lo, lo + len(batch)),
+                                         edm_sampler=edm_sampler, gamma=gamma))
         seconds = (time.perf_counter() - start) / len(images)
         total = tally.forward / math.ceil(len(images) / batch_size)
         recs[nfe] = torch.cat(parts)

@@ -20,7 +20,7 @@ from restore.engine.exact_inversion import (
     obelm_gammas,
 )
 from restore.engine.oracles import GaussianFlow, oracle_edm, oracle_edm_empirical
-from restore.engine.sampling import edm_ode_invert, sample_euler
+from restore.engine.sampling import edm_ode_invert, sample_euler, sample_heun
 from restore.engine.schedules import karras_sigmas
 from restore.methods import get_method
 from restore.methods.inversion import inversion_nfe, inversion_steps, restore_bdia_restore
@@ -298,3 +298,40 @@ def test_restorer_rejects_bad_hyper_parameters():
                       ({"sigma_in": 5.0, "sigma_s": 1.0}, "sigma_in"), ({"noise": -1.0}, "noise")]:
         with pytest.raises(ValueError, match=match):
             restore_bdia_restore(model, op(x), op, nfe=4, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ BDIA-EDM
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_bdia_edm_round_trip_is_exact_at_heun_cost(gamma):
+    """BDIA-EDM (heun=True): gamma = 0 is EDM's Heun sampler itself; the inversion is exact in fp64; sampling
+    costs Heun's 2 steps - 1 NFE, inversion and regeneration from the pair 2 per step each."""
+    model, x0 = oracle_edm(MU, S), _data()
+    xT = FLOW.sample((4, 3, 8, 8), SMAX, generator=_gen(2), dtype=torch.float64)
+    assert torch.equal(bdia_sample(model, xT, karras_sigmas(18, SMIN, SMAX), 0.0, heun=True),
+                       sample_heun(model, xT, karras_sigmas(18, SMIN, SMAX)))
+    with model.counter.counting() as tally:
+        bdia_sample(model, xT, karras_sigmas(18, SMIN, SMAX), gamma, heun=True)
+    assert tally.forward == 35
+    down = karras_sigmas(11, SMIN, SMAX, append_zero=False)
+    with model.counter.counting() as tally:
+        pair = bdia_invert(model, x0, down.flip(0), gamma, heun=True)
+        assert tally.forward == 20
+        rec = bdia_sample(model, pair, down, gamma, heun=True)
+    assert tally.forward == 38 and _rmse(rec, x0) < 1e-10
+    assert _rmse(bdia_sample(model, pair, down, gamma), x0) > 1e-4  # the Heun pair is not a DDIM pair
+
+
+def test_generation_offers_bdia_edm_with_exact_reconstruction():
+    from benchmarks.generation import edm_levels, generate, reconstruct
+
+    model = oracle_edm(MU, S)
+    assert len(edm_levels(35, SMIN, SMAX)) == 19 and float(edm_levels(35, SMIN, SMAX)[-1]) == 0
+    assert len(edm_levels(10, SMIN, SMAX)) == 6 and float(edm_levels(10, SMIN, SMAX)[-1]) == SMIN
+    heun, nfe_heun = generate(model, 4, 10, batch_size=4, image_shape=(3, 8, 8))
+    bdia, nfe_bdia = generate(model, 4, 10, batch_size=4, image_shape=(3, 8, 8), edm_sampler="bdia-edm")
+    assert nfe_heun == nfe_bdia == 10 and not torch.equal(heun, bdia)
+    x0 = _data(torch.float32)[:2].clamp(-1, 1)
+    exact = reconstruct(model, x0, 20, edm_sampler="bdia-edm", gamma=0.9)
+    assert _rmse(exact, x0) < 1e-4 < _rmse(reconstruct(model, x0, 20), x0)
+    with pytest.raises(ValueError, match="unknown EDM sampler"):
+        generate(model, 2, 10, image_shape=(3, 8, 8), edm_sampler="dpm")

@@ -44,10 +44,11 @@ def test_bcm_samples_follow_the_exact_flow_and_ignore_batch_size(nfe):
 
 
 def test_edm_generation_counts_heun_evaluations():
-    x, counted = generate(oracle_edm(MU, S), 3, 7, image_shape=SHAPE)
-    assert counted == 7 and x.shape == (3, *SHAPE)
-    with pytest.raises(ValueError, match="odd"):
-        generate(oracle_edm(MU, S), 3, 4, image_shape=SHAPE)
+    for nfe in (7, 4):  # odd: Heun steps ending with an Euler step to 0; even: Heun steps ending at sigma_min
+        x, counted = generate(oracle_edm(MU, S), 3, nfe, image_shape=SHAPE)
+        assert counted == nfe and x.shape == (3, *SHAPE)
+    with pytest.raises(ValueError, match=">= 1"):
+        generate(oracle_edm(MU, S), 3, 0, image_shape=SHAPE)
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 4])

@@ -1,4 +1,4 @@
-"""Exact diffusion inversion on an EDM denoiser, in sigma-space: DDIM, BDIA-DDIM (and O-BELM), EDICT.
+"""Exact diffusion inversion on an EDM denoiser, in sigma-space: DDIM, BDIA-DDIM (and O-BELM), BDIA-EDM, EDICT.
 
 Everything is written in the variance-exploding (EDM) coordinates x_sigma = x_0 + sigma z, where the DDIM
 transfer between two noise levels is an explicit Euler step of the PF ODE dx/dsigma = (x - D(x; sigma))/sigma
@@ -18,7 +18,8 @@ k-diffusion-style free functions ``f(model, x, sigmas, ..., *, generator=None, c
 - ``sigmas``: 1-D levels as from `restore.engine.schedules.karras_sigmas` -- **descending** for the samplers (may end
   in 0), **ascending** for the inversions (must start > 0: the ODE is singular at 0; standard DDIM inversion may start
   at 0), as `restore.engine.sampling` does; regenerate with the inversion's levels reversed, ``sigmas.flip(0)``;
-- ``callback(d)`` once per network call with keys ``x``, ``i``, ``sigma``, ``sigma_next``, ``denoised``;
+- ``callback(d)`` once per network call (BDIA-EDM: once per step, its Heun correction is not reported) with keys
+  ``x``, ``i``, ``sigma``, ``sigma_next``, ``denoised``;
 - ``generator`` is accepted for interchangeability and ignored (all are deterministic).
 
 Exactness: BDIA and EDICT inversions are the algebraic inverses of their samplers, so the round trip
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from operators.utils import Generator
-from restore.engine.sampling import Callback, check_monotone, ddim_step
+from restore.engine.sampling import Callback, check_monotone, ddim_step, pf_ode_step
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 Gamma = float | Sequence[float] | torch.Tensor
@@ -145,8 +146,17 @@ def obelm_gammas(sigmas) -> torch.Tensor:
     return g if bool(s[0] > s[-1]) else g.flip(0)
 
 
-def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, generator: Generator = None,
-                callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
+def _transfer(model, x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float, heun: bool,
+              extra_args: dict | None) -> torch.Tensor:
+    """BDIA's forward increment from the current state: the DDIM (Euler) step, or with ``heun`` EDM's Heun step
+    reusing D(x; sigma) (one more NFE; Euler when landing on 0)."""
+    if not heun:
+        return ddim_step(x, (x - denoised) / sigma, sigma, sigma_next)
+    return pf_ode_step(model, x, sigma, sigma_next, denoised=denoised, extra_args=extra_args)[0]
+
+
+def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, heun: bool = False,
+                generator: Generator = None, callback: Callback = None, extra_args: dict | None = None) -> torch.Tensor:
     """BDIA-DDIM sampling (Zhang, Lewis & Kleijn 2024, "Exact diffusion inversion via bi-directional integration
     approximation", ECCV; closed form of the official code, docs/methods.md#bdia), in VE form: with
     x0_hat = D(x_i; sigma_i) and the DDIM transfers T of `ddim_step`,
@@ -158,9 +168,16 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, ge
     official convention (gamma = 0 -> DDIM) is used. ``gamma``: scalar or one value per level (`obelm_gammas`
     gives O-BELM).
 
-    ``x``: a tensor at ``sigmas[0]`` (the first step is then plain DDIM, §3.3), or the pair
+    ``heun=True`` is **BDIA-EDM** (the paper applies BDIA to EDM's Heun sampler; docs/methods.md#bdia-edm): the forward
+    increment T_{i->i+1} is EDM's Heun step (Karras et al. 2022, Algorithm 1) and the backward one stays the Euler
+    step with the same D(x_i; sigma_i), so the update stays explicit in x_{i-1} and exactly invertible at EDM's cost
+    (2 NFE per step, the last step to 0 Euler). Deviation: the paper's exact BDIA-EDM formula is not in our
+    references; this is the invertible instantiation of its template (variant A of docs/methods.md#bdia-edm).
+
+    ``x``: a tensor at ``sigmas[0]`` (the first step is then plain DDIM / Heun, §3.3), or the pair
     ``(x at sigmas[0], x at sigmas[1])`` returned by `bdia_invert` (regeneration: BDIA steps only, §3.4 step 5).
-    NFE = len(sigmas) - 1 from a tensor, len(sigmas) - 2 from a pair. Returns the state at ``sigmas[-1]``.
+    NFE = len(sigmas) - 1 from a tensor, len(sigmas) - 2 from a pair (twice that with ``heun``, minus one when the
+    last level is 0). Returns the state at ``sigmas[-1]``.
 
     Stability (ours; docs/methods.md#bdia neglects the denoiser's Jacobian): where D is locally constant (high
     noise, memorising priors) a perturbation e obeys e_{i+1} = gamma (e_{i-1} - r e_i) + e_i / r on a grid of
@@ -172,16 +189,15 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, ge
     x_prev, x = x if isinstance(x, tuple) else (None, x)
     for i in range(0 if x_prev is None else 1, len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        eps = (x - denoised) / s[i]
-        x_next = ddim_step(x, eps, s[i], s[i + 1])
+        x_next = _transfer(model, x, denoised, s[i], s[i + 1], heun, extra_args)
         if x_prev is not None:
-            x_next = g[i] * (x_prev - ddim_step(x, eps, s[i], s[i - 1])) + x_next
+            x_next = g[i] * (x_prev - ddim_step(x, (x - denoised) / s[i], s[i], s[i - 1])) + x_next
         x_prev, x = x, x_next
     return x
 
 
-def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator: Generator = None,
-                callback: Callback = None, extra_args: dict | None = None) -> Pair:
+def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, heun: bool = False,
+                generator: Generator = None, callback: Callback = None, extra_args: dict | None = None) -> Pair:
     """Exact BDIA-DDIM inversion (Zhang et al. 2024; official editing code; docs/methods.md#bdia): solve the
     `bdia_sample` step for the noisier state,
 
@@ -189,13 +205,14 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
 
     with x0_hat = D(x_i; sigma_i) at the current state and level, the triple `bdia_sample` uses. The first step
     sigmas[0] -> sigmas[1] is a current-level DDIM inversion step (``ddim_invert(..., convention="current-level")``,
-    as in BDIA's editing code; it only selects the trajectory and is never undone).
+    as in BDIA's editing code; it only selects the trajectory and is never undone). With ``heun`` (BDIA-EDM) the
+    downward transfer T_{i->i-1} is the Heun step of `bdia_sample` and the first step a Heun step up; NFE doubles.
     ``gamma``: scalar or per level of ``sigmas`` (for a per-level array computed on the sampling grid pass it
     flipped); every used value must be > 0 -- rounding is amplified by about prod(1/gamma_i) (§3.5a), so gamma
     < 0.9 is unsafe beyond ~20 steps. ``x`` is the state at ``sigmas[0]``.
 
     Returns the **pair** (x at sigmas[-1], x at sigmas[-2]): regenerate with
-    ``bdia_sample(model, pair, sigmas.flip(0), gamma_flipped)``. NFE = len(sigmas) - 1.
+    ``bdia_sample(model, pair, sigmas.flip(0), gamma_flipped, heun=heun)``. NFE = len(sigmas) - 1 (x2 with ``heun``).
     """
     s = _levels(sigmas, descending=False)
     g = _gammas(gamma, len(s))
@@ -204,10 +221,11 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, generator
     x_prev = None
     for i in range(len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
-        eps = (x - denoised) / s[i]
-        x_next = ddim_step(x, eps, s[i], s[i + 1])
-        if x_prev is not None:
-            x_next = (x_prev - ddim_step(x, eps, s[i], s[i - 1])) / g[i] + x_next
+        if x_prev is None:
+            x_next = _transfer(model, x, denoised, s[i], s[i + 1], heun, extra_args)
+        else:
+            down = _transfer(model, x, denoised, s[i], s[i - 1], heun, extra_args)
+            x_next = (x_prev - down) / g[i] + ddim_step(x, (x - denoised) / s[i], s[i], s[i + 1])
         x_prev, x = x, x_next
     return x, x_prev
 

@@ -124,8 +124,8 @@ def _level(v, x: torch.Tensor):
     return v
 
 
-def pf_ode_step(model, x: torch.Tensor, sigma, sigma_next, *, second_order: bool = True,
-                extra_args: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pf_ode_step(model, x: torch.Tensor, sigma, sigma_next, *, second_order: bool = True, extra_args: dict | None = None,
+                denoised: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler or Heun step of the PF ODE dx/dsigma = (x - D(x; sigma))/sigma (Karras et al. 2022, Eq. 3 and
     Algorithm 1), from ``sigma`` to ``sigma_next`` (either direction); the one place the Heun step is written:
 
@@ -134,10 +134,12 @@ def pf_ode_step(model, x: torch.Tensor, sigma, sigma_next, *, second_order: bool
 
     A step that lands on sigma_next = 0 stays Euler (Algorithm 1, line 8). ``sigma``, ``sigma_next``: floats or
     tensors of shape () or (B,) (one level per image, as in distillation, `training.losses.BCDLoss`); per-image
-    levels must be all zero or all non-zero at ``sigma_next``. Returns ``(x_next, denoised)``, denoised = D(x; sigma).
+    levels must be all zero or all non-zero at ``sigma_next``. Returns ``(x_next, denoised)``, denoised = D(x; sigma);
+    a caller that already has D(x; sigma) passes it as ``denoised`` (one NFE less, e.g. BDIA-EDM).
     """
     extra_args = extra_args or {}
-    denoised = model(x, sigma, **extra_args)
+    if denoised is None:
+        denoised = model(x, sigma, **extra_args)
     s, s_next = _level(sigma, x), _level(sigma_next, x)
     d = (x - denoised) / s  # evaluate dx/dsigma at (x_i, sigma_i)
     x_next = ddim_step(x, d, s, s_next)  # Euler step (d = eps_hat in EDM coordinates)
