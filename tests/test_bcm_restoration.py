@@ -295,3 +295,46 @@ def test_bicubic_upsampling(images):
     y = op(images)
     up = get_method("bicubic")(None, y, op)
     assert psnr(up, images).mean() > psnr(get_method("identity")(None, y, op), images).mean() + 1
+
+
+# -- the consistency-model subset (cm-*) -------------------------------------------------------------------
+
+CM_CASES = [("cm-jpeg", "jpeg:quality=10", (0.5, 0.2)), ("cm-inpaint", "box:size=16", (2.0, 0.3)),
+            ("cm-inpaint", "randmask:p=0.7", (2.0, 0.3)), ("cm-sr", "down:factor=2,kernel=bicubic", (1.0, 0.2))]
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3])
+@pytest.mark.parametrize("name, spec, levels", CM_CASES)
+def test_cm_methods_are_multistep_consistency_sampling_from_the_observation(name, spec, levels, nfe):
+    """cm-*: ``nfe`` rounds x = C(f(x + sigma_s z, sigma_s, sigma_min)) at geometric levels (Song et al. 2023,
+    Algorithms 1 and 4), written out here; a consistency model runs them, and so does a BCM (it stands in for a CM)."""
+    from restore.engine.oracles import oracle_cm
+
+    mu = torch.rand((3, 32, 32), generator=torch.Generator().manual_seed(1)) - 0.5
+    x = torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gens = _gens(4, seed=7)
+    op = build_operator(spec).draw(x.shape, gens)
+    y = op.measure(x, gens)
+    method = get_method(name)
+    assert method.model == "cm" and method.accepts("bcm") and not method.accepts("edm")
+    model = oracle_cm(mu, 0.4)
+    with model.counter.counting() as count:
+        out = method(model, y, op, nfe=nfe, generator=_gens(4))
+    assert (count.forward, count.backward) == (nfe, 0)
+
+    gens = _gens(4)
+
+    def z(v):
+        return torch.cat([torch.randn((1, *v.shape[1:]), generator=g) for g in gens])
+
+    consistency = (lambda v: v) if name == "cm-jpeg" else (lambda v: op.project(v, y))
+    expected = {"cm-jpeg": y, "cm-sr": op.pinv(y)}.get(name)
+    if expected is None:
+        expected = torch.where(op.mask_for(y), y, model.sigma_data * z(y))
+    for k in range(nfe):
+        sigma_s = levels[0] * (levels[1] / levels[0]) ** (k / (nfe - 1)) if nfe > 1 else levels[0]
+        expected = consistency(model.jump(expected + sigma_s * z(expected), sigma_s, SMIN))
+    assert torch.equal(out, expected)
+    # the exact Gaussian BCM jumps to sigma_min along the same flow as the exact CM
+    torch.testing.assert_close(method(oracle_bcm(mu, 0.4), y, op, nfe=nfe, generator=_gens(4)), out,
+                               rtol=1e-4, atol=1e-4)

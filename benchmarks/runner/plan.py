@@ -90,7 +90,7 @@ def _check_model(suite: Suite, entry, method, ref: str | None) -> Path | None:
                          f"pass --model {entry.model}=PATH")
     path = resolve_model_path(ref)
     wrapper = read_metadata(path)["wrapper"]
-    if wrapper != method.model:
+    if not method.accepts(wrapper):
         raise ValueError(f"method {entry.name!r} needs a {method.model!r} model but {ref} is a {wrapper!r} model")
     return path
 

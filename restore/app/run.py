@@ -291,7 +291,7 @@ def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
         except (ValueError, OSError) as e:
             raise RunError(str(e).splitlines()[0]) from None
     kind = getattr(net, "kind", None)
-    if kind != meth.model and not (meth.model == "cm" and getattr(net, "bidirectional", False)):  # a BCM is also a CM
+    if not meth.accepts(kind):
         raise RunError(f"method {meth.name!r} needs a {meth.model} model, but {label} is a {kind} model")
     return net.to(device).eval(), label
 

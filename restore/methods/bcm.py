@@ -85,9 +85,23 @@ class Round(NamedTuple):
     noise: float | None = SMALL_NOISE
 
 
+def _levels(nfe: int, n: int, sigma_start: float, sigma_end: float, sigmas: Sequence[float] | None,
+            sigma_min: float) -> list[float]:
+    """``n`` round levels: ``sigmas`` as given, or geometric from ``sigma_start`` to ``sigma_end``."""
+    if sigmas is not None:
+        levels = [float(s) for s in sigmas]
+        if len(levels) != n:
+            raise ValueError(f"nfe={nfe} runs {n} round(s), so sigmas needs {n} level(s), got {len(levels)}")
+        return levels
+    if not (sigma_start > sigma_min and sigma_end > sigma_min):
+        raise ValueError(f"sigma_start and sigma_end must be > sigma_min={sigma_min}, got {sigma_start}, {sigma_end}")
+    ratio = sigma_end / sigma_start
+    return [sigma_start * ratio ** (i / (n - 1)) if n > 1 else sigma_start for i in range(n)]
+
+
 def restoration_rounds(nfe: int, sigma_start: float, sigma_end: float, noise: float = SMALL_NOISE,
                        sigmas: Sequence[float] | None = None, sigma_min: float = 0.002,
-                       first_noise: float | None = None) -> list[Round]:
+                       first_noise: float | None = None, renoise_only: bool = False) -> list[Round]:
     """The schedule: rounds spending exactly ``nfe`` network evaluations (module docstring, "Budget").
 
     ceil(nfe / 2) levels, geometric from ``sigma_start`` to ``sigma_end`` unless ``sigmas`` lists them; the first
@@ -95,25 +109,21 @@ def restoration_rounds(nfe: int, sigma_start: float, sigma_end: float, noise: fl
     (``first_noise``, when given, for a zigzag round that comes first). The rounds follow the paper's zigzag
     sampler (Li & He, arXiv 2403.18035) in kind, a small noise lifted to a larger level; the paper gives no
     restoration levels, so the geometric decrease and the re-noise round are ours.
+
+    ``renoise_only``: ``nfe`` re-noise rounds and no inversion, the one-direction subset a consistency model can run
+    (the ``cm-*`` methods).
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    n = (nfe + 1) // 2
-    if sigmas is None:
-        if not (sigma_start > sigma_min and sigma_end > sigma_min):
-            raise ValueError(f"sigma_start and sigma_end must be > sigma_min={sigma_min}, "
-                             f"got {sigma_start}, {sigma_end}")
-        ratio = sigma_end / sigma_start
-        levels = [sigma_start * ratio ** (i / (n - 1)) if n > 1 else sigma_start for i in range(n)]
+    if renoise_only:
+        rounds = [Round(s, None) for s in _levels(nfe, nfe, sigma_start, sigma_end, sigmas, sigma_min)]
     else:
-        levels = [float(s) for s in sigmas]
-        if len(levels) != n:
-            raise ValueError(f"nfe={nfe} runs {n} round(s), so sigmas needs {n} level(s), got {len(levels)}")
-    first_noise = noise if first_noise is None else first_noise
-    if not (noise > 0 and first_noise > 0):
-        raise ValueError(f"noise and first_noise must be > 0, got {noise}, {first_noise}")
-    odd = nfe % 2  # odd budgets open with a re-noise round
-    rounds = [Round(s, None if i < odd else float(first_noise if i == 0 else noise)) for i, s in enumerate(levels)]
+        levels = _levels(nfe, (nfe + 1) // 2, sigma_start, sigma_end, sigmas, sigma_min)
+        first_noise = noise if first_noise is None else first_noise
+        if not (noise > 0 and first_noise > 0):
+            raise ValueError(f"noise and first_noise must be > 0, got {noise}, {first_noise}")
+        odd = nfe % 2  # odd budgets open with a re-noise round
+        rounds = [Round(s, None if i < odd else float(first_noise if i == 0 else noise)) for i, s in enumerate(levels)]
     for r in rounds:
         floor, what = (sigma_min, "sigma_min") if r.noise is None else (r.noise, "noise")
         if not r.sigma > floor:
@@ -253,3 +263,55 @@ def restore_bcm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
     return invert_regenerate(model, op.pinv(y), rounds, lambda x: op.project(x, y), generator=generator,
                              callback=callback, extra_args=extra_args)
+
+
+# --------------------------------------------------------------------------- consistency-model (one-direction) subset
+_CM_SPACE = {"sigma_start": Float(0.05, 40.0, log=True), "sigma_end": Float(0.01, 5.0, log=True)}
+
+
+def _cm_restore(model, x0: torch.Tensor, consistency, nfe: int, sigma_start: float, sigma_end: float,
+                sigmas: Sequence[float] | None, generator: Generator, callback: Callback,
+                extra_args: dict | None) -> torch.Tensor:
+    rounds = restoration_rounds(nfe, sigma_start, sigma_end, sigmas=sigmas, sigma_min=model.sigma_min,
+                                renoise_only=True)
+    return invert_regenerate(model, x0, rounds, consistency, generator=generator, callback=callback,
+                             extra_args=extra_args)
+
+
+@register_method("cm-jpeg", blind=True, model="cm", operators=("jpeg",), default_nfe=2, space=_CM_SPACE)
+def restore_cm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
+                    sigma_start: float = JPEG_LEVELS[0], sigma_end: float = JPEG_LEVELS[1],
+                    sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+    """The consistency-model baseline of bcm-jpeg: CM multistep sampling (Song et al. 2023, Algorithm 1) started
+    from the decoded JPEG, i.e. ``nfe`` rounds x = f(x + sigma_s z, sigma_s, sigma_min) at geometric levels, blind.
+    Runs on a CM (one direction only) or a BCM. Deviations: Algorithm 1 adds sqrt(sigma_s^2 - sigma_min^2) z
+    (here sigma_s z, as bcm-jpeg's re-noise round); the levels (0.5 -> 0.2) are untuned."""
+    return _cm_restore(model, y, None, nfe, sigma_start, sigma_end, sigmas, generator, callback, extra_args)
+
+
+@register_method("cm-inpaint", blind=False, model="cm", operators=("box", "randbox", "randmask"), default_nfe=4,
+                 space=_CM_SPACE)
+def restore_cm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
+                       callback: Callback = None, sigma_start: float = INPAINT_LEVELS[0],
+                       sigma_end: float = INPAINT_LEVELS[1], sigmas: Sequence[float] | None = None,
+                       fill: float | None = None, extra_args: dict | None = None) -> torch.Tensor:
+    """Consistency-model inpainting, the zero-shot editing loop of Song et al. 2023 (Algorithm 4): re-noise to
+    sigma_s, jump to sigma_min, paste the known pixels back (``op.project``), at decreasing levels; the hole
+    starts as N(0, ``fill``^2) noise (default sigma_data). Deviations: the paper anneals over its sampling levels
+    from sigma_max and adds sqrt(sigma_s^2 - sigma_min^2) z; here geometric levels from ``sigma_start`` (2.0, untuned)
+    and sigma_s z, as bcm-inpaint's re-noise round."""
+    fill = model.sigma_data if fill is None else float(fill)
+    x0 = torch.where(op.mask_for(y), y, fill * _z(y, generator))
+    return _cm_restore(model, x0, lambda x: op.project(x, y), nfe, sigma_start, sigma_end, sigmas, generator,
+                       callback, extra_args)
+
+
+@register_method("cm-sr", blind=False, model="cm", operators=("down",), default_nfe=2, space=_CM_SPACE)
+def restore_cm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
+                  sigma_start: float = SR_LEVELS[0], sigma_end: float = SR_LEVELS[1],
+                  sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+    """Consistency-model super-resolution (Song et al. 2023, Algorithm 4 with the range-null-space projection of
+    bcm-sr): start from ``op.pinv(y)``, re-noise, jump down, project ``op.project(x, y)``, at decreasing levels
+    (1.0 -> 0.2, untuned); sigma_s z as bcm-sr's re-noise round."""
+    return _cm_restore(model, op.pinv(y), lambda x: op.project(x, y), nfe, sigma_start, sigma_end, sigmas,
+                       generator, callback, extra_args)
