@@ -280,13 +280,14 @@ def report(results: Path, out: Path | None, grid_nfe: int | None) -> None:
 @click.option("--n", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Samples per NFE, reference images and inverted images.")
 @click.option("--nfe", "nfes", default="1,2,3,4", show_default=True, callback=_int_list,
-              help="Generation NFE budgets (EDM: odd = 2 Heun steps - 1 ending at 0, even = 2 per step).")
+              help="Generation NFE budgets (EDM Heun: odd = 2 steps - 1 ending at 0, even = 2 per step).")
 @click.option("--inversion-nfe", "inversion_nfes", default="1,2", show_default=True, callback=_int_list,
-              help="Inversion NFE budgets (EDM: even, 2 per Heun step); empty to skip.")
-@click.option("--edm-sampler", type=click.Choice(["heun", "bdia-edm"]), default="heun", show_default=True,
-              help="Sampler and inversion of an EDM model: EDM's Heun, or BDIA-EDM (exact inversion).")
+              help="Inversion NFE budgets, the way up (EDM: a multiple of the sampler's NFE per step); empty to skip.")
+@click.option("--edm-sampler", type=click.Choice(["heun", "bdia-edm", "ddim", "bdia", "edict"]), default="heun",
+              show_default=True, help="Sampler and inversion of an EDM model (docs/methods.md#exact-inversion): "
+              "Heun (ODE inversion), BDIA-EDM, BDIA-DDIM and EDICT (exact), DDIM (approximate).")
 @click.option("--gamma", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True,
-              help="BDIA's gamma for --edm-sampler bdia-edm.")
+              help="BDIA's gamma for --edm-sampler bdia-edm / bdia.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 def generation(model: str, out: Path, data: str, reference_split: str, inversion_split: str, n: int,
@@ -329,7 +330,7 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
         strip = torch.cat([images[:16], *(recs[k][:16] for k in inversion_nfes)])  # rows: input, then per NFE
         write_png(image_grid(strip, 16)[None], out / "inversion.png")
 
-    label = edm_sampler if edm_sampler == "heun" else f"{edm_sampler} gamma={gamma:g}"
+    label = f"{edm_sampler} gamma={gamma:g}" if edm_sampler.startswith("bdia") else edm_sampler
     frame = pd.DataFrame(rows).assign(model=str(model), dataset=data, seed=seed, sampler=label)
     write_csv_atomic(frame, out / "results.csv")
     summary = (frame.groupby(["metric", "nfe"], as_index=False)["value"].mean()

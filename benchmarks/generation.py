@@ -5,15 +5,17 @@ The protocols of the BCM paper (Li & He 2024; docs/design.md#generation-and-inve
 * Generation: image ``k`` starts from x_T = sigma_max z_k, with z_k drawn from the generator seeded by
   ``(seed, k)`` (`operators.utils.image_seed`), so samples do not depend on the batch size. BCMs use the
   paper's chains (one-step, ancestral, zigzag, mixed for NFE 1-4, `restore.engine.sampling.sample_bcm`);
-  consistency models CM multistep sampling on Karras levels; EDM denoisers the Heun sampler or BDIA-EDM
-  (``edm_sampler="bdia-edm"``, `restore.engine.exact_inversion.bdia_sample` with ``heun=True``), both on Karras
-  levels: an odd NFE is 2 steps - 1 ending at 0 (EDM's), an even NFE 2 per step ending at sigma_min.
+  consistency models CM multistep sampling on Karras levels; EDM denoisers one of `EDM_SAMPLERS` on Karras
+  levels: EDM's Heun sampler (default) or BDIA-EDM (2 NFE per step: an odd NFE is 2 steps - 1 ending at 0, EDM's,
+  an even NFE ends at sigma_min), DDIM or BDIA-DDIM (1 NFE per step, ending at 0), EDICT (2 per step, ending at 0).
   FID/KID against a reference set go through `benchmarks.fid`.
 * Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.engine.bcm_inversion`); the error is
   `restore.engine.bcm_inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
   (0.07, 15, 80) for 1 and 2 NFE (the paper's), Karras-spaced levels between 0.07 and 80 beyond that (our
-  choice; the paper gives no levels). EDM models integrate the ODE up and down with Heun steps on the
-  same Karras levels, or with BDIA-EDM invert exactly (`bdia_invert`, regenerating from the returned pair).
+  choice; the paper gives no levels). EDM models invert with the chosen sampler's inversion on Karras levels
+  between sigma_min and sigma_max and regenerate on the same levels: Heun integrates the ODE up (approximate),
+  DDIM inverts in the field's convention (approximate), BDIA-EDM, BDIA and EDICT invert exactly and regenerate
+  from the returned pair (`restore.engine.exact_inversion`).
 
 The reported NFE is counted (`restore.engine.nfe`), per image.
 """
@@ -29,14 +31,22 @@ import torch
 
 from operators.utils import make_generators, randn, to_uint8
 from restore.engine.bcm_inversion import bcm_reconstruct, inversion_mse
-from restore.engine.exact_inversion import bdia_invert, bdia_sample
+from restore.engine.exact_inversion import (
+    bdia_invert,
+    bdia_sample,
+    ddim_invert,
+    ddim_sample,
+    edict_invert,
+    edict_sample,
+)
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
 from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
 
 INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
-EDM_SAMPLERS = ("heun", "bdia-edm")
+# Samplers (and their inversions) of an EDM denoiser, with their NFE per step.
+EDM_SAMPLERS = {"heun": 2, "bdia-edm": 2, "ddim": 1, "bdia": 1, "edict": 2}
 
 
 def inversion_levels(nfe: int, sigma_max: float = 80.0, start: float = INVERSION_NOISE) -> tuple[float, ...]:
@@ -48,19 +58,52 @@ def inversion_levels(nfe: int, sigma_max: float = 80.0, start: float = INVERSION
     return tuple(karras_sigmas(nfe + 1, start, sigma_max, append_zero=False).flip(0).tolist())
 
 
-def edm_levels(nfe: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Descending Karras levels on which Heun (or BDIA-EDM) costs exactly ``nfe``: odd -> (nfe + 1) / 2 steps
-    ending at 0 (the last one Euler, EDM's default), even -> nfe / 2 Heun steps ending at sigma_min."""
+def edm_levels(nfe: int, sigma_min: float, sigma_max: float, sampler: str = "heun") -> torch.Tensor:
+    """Descending Karras levels on which ``sampler`` costs exactly ``nfe``. Heun / BDIA-EDM: odd -> (nfe + 1) / 2
+    steps ending at 0 (the last one Euler, EDM's default), even -> nfe / 2 Heun steps ending at sigma_min; DDIM /
+    BDIA: nfe steps ending at 0; EDICT: nfe / 2 steps ending at 0 (even nfe)."""
+    _check_edm_sampler(sampler)
     if nfe < 1:
         raise ValueError(f"EDM sampling NFE must be >= 1, got {nfe}")
-    if nfe % 2:
-        return karras_sigmas((nfe + 1) // 2, sigma_min, sigma_max)
-    return karras_sigmas(nfe // 2 + 1, sigma_min, sigma_max, append_zero=False)
+    if sampler in ("heun", "bdia-edm"):
+        if nfe % 2:
+            return karras_sigmas((nfe + 1) // 2, sigma_min, sigma_max)
+        return karras_sigmas(nfe // 2 + 1, sigma_min, sigma_max, append_zero=False)
+    return karras_sigmas(_steps(nfe, sampler), sigma_min, sigma_max)
 
 
-def _check_edm_sampler(edm_sampler: str) -> None:
-    if edm_sampler not in EDM_SAMPLERS:
-        raise ValueError(f"unknown EDM sampler {edm_sampler!r}; known: {', '.join(EDM_SAMPLERS)}")
+def _check_edm_sampler(sampler: str) -> None:
+    if sampler not in EDM_SAMPLERS:
+        raise ValueError(f"unknown EDM sampler {sampler!r}; known: {', '.join(EDM_SAMPLERS)}")
+
+
+def _steps(nfe: int, sampler: str) -> int:
+    per_step = EDM_SAMPLERS[sampler]
+    if nfe < per_step or nfe % per_step:
+        raise ValueError(f"{sampler} costs {per_step} NFE per step: NFE must be a positive multiple, got {nfe}")
+    return nfe // per_step
+
+
+def _edm_sample(model, x: torch.Tensor, sigmas, sampler: str, gamma: float) -> torch.Tensor:
+    """Sample with ``sampler`` along descending ``sigmas`` from a state (or, for the exact inversions, a pair)."""
+    if sampler == "heun":
+        return sample_heun(model, x, sigmas)
+    if sampler == "ddim":
+        return ddim_sample(model, x, sigmas)
+    if sampler == "edict":
+        return edict_sample(model, x, sigmas)
+    return bdia_sample(model, x, sigmas, gamma, heun=sampler == "bdia-edm")
+
+
+def _edm_invert(model, x: torch.Tensor, sigmas, sampler: str, gamma: float):
+    """The inversion of ``sampler`` along ascending ``sigmas``: a state (Heun ODE, DDIM) or a pair (exact ones)."""
+    if sampler == "heun":
+        return edm_ode_invert(model, x, sigmas)
+    if sampler == "ddim":
+        return ddim_invert(model, x, sigmas)
+    if sampler == "edict":
+        return edict_invert(model, x, sigmas)
+    return bdia_invert(model, x, sigmas, gamma, heun=sampler == "bdia-edm")
 
 
 def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, gamma: float) -> torch.Tensor:
@@ -71,10 +114,8 @@ def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, ga
         levels = karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max, append_zero=False).tolist()
         return sample_cm_multistep(model, x_T, levels, generator=generators)
     if isinstance(model, EDMDenoiser):
-        sigmas = edm_levels(nfe, model.sigma_min, model.sigma_max)
-        if edm_sampler == "bdia-edm":
-            return bdia_sample(model, x_T, sigmas, gamma, heun=True)
-        return sample_heun(model, x_T, sigmas)
+        return _edm_sample(model, x_T, edm_levels(nfe, model.sigma_min, model.sigma_max, edm_sampler), edm_sampler,
+                           gamma)
     raise TypeError(f"no sampler for {type(model).__name__}")
 
 
@@ -99,11 +140,11 @@ def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
 
 def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None,
                 edm_sampler: str = "heun", gamma: float = 0.5) -> torch.Tensor:
-    """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them.
+    """Invert ``images`` ([-1, 1]) to sigma_max with ``nfe`` network evaluations and regenerate them.
 
-    BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` must be even; ``nfe / 2`` Heun
-    steps up and the same levels back down (Heun: ODE inversion; "bdia-edm": exact BDIA-EDM inversion, the
-    regeneration starting from the returned pair, so it costs 2 NFE less).
+    BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` / (the sampler's NFE per step)
+    steps up on Karras levels from sigma_min and the same levels back down with ``edm_sampler``; exact inversions
+    regenerate from their pair, so they skip the first sampling step.
     """
     _check_edm_sampler(edm_sampler)
     ids = range(len(images)) if ids is None else ids
@@ -111,14 +152,9 @@ def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Se
     if isinstance(model, BCM):
         return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens)
     if isinstance(model, EDMDenoiser):
-        if nfe < 2 or nfe % 2:
-            raise ValueError(f"EDM ODE inversion costs 2 NFE per Heun step (even), got {nfe}")
-        levels = karras_sigmas(nfe // 2 + 1, model.sigma_min, model.sigma_max, append_zero=False)
-        if edm_sampler == "bdia-edm":
-            return bdia_sample(model, bdia_invert(model, images, levels.flip(0), gamma, heun=True), levels, gamma,
-                               heun=True)
-        latent = edm_ode_invert(model, images, levels.flip(0))
-        return sample_heun(model, latent, levels)
+        levels = karras_sigmas(_steps(nfe, edm_sampler) + 1, model.sigma_min, model.sigma_max, append_zero=False)
+        return _edm_sample(model, _edm_invert(model, images, levels.flip(0), edm_sampler, gamma), levels, edm_sampler,
+                           gamma)
     raise TypeError(f"{type(model).__name__} cannot invert images")
 
 

@@ -321,17 +321,26 @@ def test_bdia_edm_round_trip_is_exact_at_heun_cost(gamma):
     assert _rmse(bdia_sample(model, pair, down, gamma), x0) > 1e-4  # the Heun pair is not a DDIM pair
 
 
-def test_generation_offers_bdia_edm_with_exact_reconstruction():
+@pytest.mark.parametrize("sampler, exact", [("heun", False), ("ddim", False), ("bdia-edm", True), ("bdia", True),
+                                             ("edict", True)])
+def test_generation_samplers_cost_their_nfe_and_exact_ones_reconstruct(sampler, exact):
+    """restore-bench generation's EDM samplers: sampling costs exactly the NFE asked for; inverting with nfe up
+    and regenerating on the same levels is exact (rounding) for BDIA-EDM, BDIA and EDICT, not for Heun / DDIM."""
     from benchmarks.generation import edm_levels, generate, reconstruct
 
     model = oracle_edm(MU, S)
     assert len(edm_levels(35, SMIN, SMAX)) == 19 and float(edm_levels(35, SMIN, SMAX)[-1]) == 0
     assert len(edm_levels(10, SMIN, SMAX)) == 6 and float(edm_levels(10, SMIN, SMAX)[-1]) == SMIN
-    heun, nfe_heun = generate(model, 4, 10, batch_size=4, image_shape=(3, 8, 8))
-    bdia, nfe_bdia = generate(model, 4, 10, batch_size=4, image_shape=(3, 8, 8), edm_sampler="bdia-edm")
-    assert nfe_heun == nfe_bdia == 10 and not torch.equal(heun, bdia)
+    x, counted = generate(model, 4, 10, batch_size=4, image_shape=(3, 8, 8), edm_sampler=sampler, gamma=0.9)
+    assert counted == 10 and x.shape == (4, 3, 8, 8)
     x0 = _data(torch.float32)[:2].clamp(-1, 1)
-    exact = reconstruct(model, x0, 20, edm_sampler="bdia-edm", gamma=0.9)
-    assert _rmse(exact, x0) < 1e-4 < _rmse(reconstruct(model, x0, 20), x0)
+    with model.counter.counting() as tally:
+        rec = reconstruct(model, x0, 20, edm_sampler=sampler, gamma=0.9)
+    per_step = 2 if sampler in ("heun", "bdia-edm", "edict") else 1
+    assert tally.forward == 40 - (per_step if exact and sampler != "edict" else 0)
+    assert (_rmse(rec, x0) < 1e-4) == exact
     with pytest.raises(ValueError, match="unknown EDM sampler"):
         generate(model, 2, 10, image_shape=(3, 8, 8), edm_sampler="dpm")
+    if per_step == 2:
+        with pytest.raises(ValueError, match="multiple"):
+            reconstruct(model, x0, 3, edm_sampler=sampler)
