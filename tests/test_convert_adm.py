@@ -453,6 +453,8 @@ def test_vp_eps_wrapper_formula(schedule):
     model(x[:2], torch.tensor([1e-4, 1e5], dtype=torch.float64))
     torch.testing.assert_close(model.net.last_t, torch.tensor([0.0, 999.0], dtype=torch.float64))
     assert model.counter.forward == 2
+    model.half()  # the sigma grid stays float64
+    assert model.log_sigmas.dtype == torch.float64
     with pytest.raises(ValueError, match="do not match"):
         VPEpsDenoiser(StubEps(), schedule=schedule, sigma_max=80.0)
 

@@ -7,7 +7,8 @@ The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, c
 noise labels are already transformed: by default the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
 label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); a wrapper built with
 ``noise_label="log4"`` passes NVlabs EDM's ``ln(sigma) / 4`` instead (`NOISE_LABELS`, saved with the checkpoint);
-``noise_u`` is passed only by `BCM`.
+``noise_u`` is passed only by `BCM`. `VPEpsDenoiser` feeds a discrete VP network its (fractional) step index instead.
+A wrapper's ``provides`` names the other kinds it can stand in for (`serves`).
 
 Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
 Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
@@ -310,14 +311,18 @@ class VPEpsDenoiser(_PreconditionedModel):
         self.schedule, self.steps = schedule, int(steps)
         self.noise_label = "vp-index"
         self._label = self.timestep
-        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
+        # A plain float64 tensor, not a buffer: model.half() / .to(dtype) must not coarsen the grid t(sigma) reads.
+        self.log_sigmas = sigmas.log()
 
     def wrapper_config(self) -> dict:
         return {"schedule": self.schedule, "steps": self.steps}
 
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule!r}, steps={self.steps}, {super().extra_repr()}"
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """t(sigma): the fractional step index, linear in ln sigma between grid levels (float64 internally)."""
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = self.log_sigmas.to(sigma.device)  # copied once per call: 1000 numbers
         ls = torch.log(sigma.to(torch.float64)).clamp(log_sigmas[0], log_sigmas[-1])
         hi = torch.searchsorted(log_sigmas, ls).clamp(1, self.steps - 1)
         w = (ls - log_sigmas[hi - 1]) / (log_sigmas[hi] - log_sigmas[hi - 1])
