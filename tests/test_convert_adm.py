@@ -466,7 +466,6 @@ def test_vp_eps_model_serves_the_edm_methods(tmp_path):
     from restore.app.run import _load
     from restore.methods import get_method
 
-    src, _, _ = _write_gd(tmp_path, "adm64_cond", "64x64_diffusion.pt")
     src_u, _, _ = _write_gd(tmp_path, "dps_ffhq256", "ffhq_10m.pt")
     dst = convert_checkpoint(src_u, tmp_path / "ffhq.safetensors", "guided-diffusion", num_head_channels=32)
     assert serves("vp-eps", "edm") and not serves("vp-eps", "cm") and serves("bcm", "cm")
@@ -484,6 +483,9 @@ def test_vp_eps_model_serves_the_edm_methods(tmp_path):
     with torch.no_grad():
         out = restore_ddnm(model, y, op, nfe=3, generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape and torch.isfinite(out).all() and model.counter.forward == 3
+    for name in ("dps", "pigdm", "ddrm", "bdia-restore"):  # DPS / PiGDM differentiate through the wrapper
+        out = get_method(name)(model, y, op, nfe=2, generator=torch.Generator().manual_seed(0))
+        assert out.shape == x.shape and torch.isfinite(out).all(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
