@@ -413,6 +413,25 @@ def test_guided_diffusion_options(tmp_path):
         convert_checkpoint(src, tmp_path / "c.safetensors", "openai-cm", schedule="linear")
 
 
+def test_strict_key_match_and_given_config(tmp_path):
+    src, sd, _ = _write_gd(tmp_path, "dps_ffhq256", "ffhq_10m.pt")
+    given = load_model(convert_checkpoint(src, tmp_path / "a.safetensors", "guided-diffusion", num_head_channels=32,
+                                          img_resolution=128))
+    assert given.net.config.img_resolution == 128 and given.net.config.attention_resolutions == (8,)
+    del sd["input_blocks.1.0.in_layers.2.bias"]  # a missing key and a stray one (a damaged or foreign file)
+    sd["input_blocks.1.0.extra"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt does not match the inferred architecture") as info:
+        convert_checkpoint(tmp_path / "bad.pt", tmp_path / "b.safetensors", "guided-diffusion", num_head_channels=32)
+    assert "\n" not in str(info.value)
+    ckpt_src, _, net = _write_i2sb(tmp_path, None)
+    ckpt = torch.load(ckpt_src, weights_only=True)
+    ckpt["ema"]["shadow_params"] = ckpt["ema"]["shadow_params"][:-1]
+    torch.save(ckpt, ckpt_src)
+    with pytest.raises(ValueError, match="EMA parameters for"):
+        convert_checkpoint(ckpt_src, tmp_path / "c.safetensors", "i2sb", operator="jpeg:quality=10")
+
+
 def test_vp_schedules_match_the_reference_numbers():
     linear, cosine = vp_schedule_sigmas("linear"), vp_schedule_sigmas("cosine")
     assert (round(float(linear[0]), 4), round(float(linear[-1]), 1)) == (0.0100, 157.4)
