@@ -590,6 +590,10 @@ def test_i2sb_options_and_weights(tmp_path):
     assert (model.schedule.beta_max, model.ot_ode) == (1.0, True)
     with pytest.raises(ValueError, match="pass --operator.*no options.corrupt"):
         convert_checkpoint(src2, tmp_path / "z.safetensors", "i2sb", num_head_channels=32)
+    with open(tmp_path / "noisy.pkl", "wb") as f:
+        pickle.dump(argparse.Namespace(**{**OPTIONS, "add_x1_noise": True}), f)
+    with pytest.raises(ValueError, match="add_x1_noise is set"):
+        convert_checkpoint(src2, tmp_path / "z.safetensors", "i2sb", options=tmp_path / "noisy.pkl")
 
 
 def test_i2sb_default_wrapper_keeps_its_metadata():

@@ -10,7 +10,8 @@ parameter order, matched to the names in the order of ``net`` (every ADM entry i
 the EMA). The network is guided-diffusion's 256 px ADM with 3 output channels: Conv1d attention and legacy
 (heads, three, head_dim) qkv rows, converted as for ``--from guided-diffusion``. It is wrapped by the toolkit's I2SB
 wrapper (registered by ``baselines``) with upstream's time input ``noise_label="i2sb"`` and the bridge settings of
-``options.pkl`` (``beta_max``, ``interval``, ``ot_ode``, ``t0``, ``T``, ``cond_x1``; absent ones: the task defaults).
+``options.pkl`` (``beta_max``, ``interval``, ``ot_ode``, ``t0``, ``T``, ``cond_x1``; absent ones: the task defaults;
+``add_x1_noise``, upstream's colourisation-only noisy bridge start, is refused).
 The operator the model restores must be given, or is inferred from ``options.corrupt`` where the toolkit has the
 same degradation (`CORRUPT_OPERATORS`). docs/models.md#upstream-checkpoints.
 """
@@ -136,6 +137,9 @@ def read_i2sb(src: str | Path, *, operator: str | None = None, options: str | Pa
         raise ValueError(f"I2SB checkpoints are wrapped as 'i2sb', not {wrapper!r}")
     options_path = Path(options) if options is not None else Path(src).with_name("options.pkl")
     opts = read_options(options_path) if options is not None or options_path.is_file() else {}
+    if opts.get("add_x1_noise"):  # upstream: "only for decolor", no released task
+        raise ValueError(f"{options_path}: add_x1_noise is set (X_1 + N(0, I) at the bridge start), which the "
+                         "toolkit's I2SB restorer does not do; such checkpoints are not supported")
     operator = operator or _operator_from(opts, src)
     sd = to_native_layout(read_i2sb_weights(src, weights), qkv_order=qkv_order, num_head_channels=num_head_channels)
     resolution = int(img_resolution or opts.get("image_size") or 256)
