@@ -25,9 +25,10 @@ next to the model, and no API mixes indices and sigmas):
 
 Deviations from the original:
 
-* Network time input: the wrapper feeds the project's noise label 250 ln sigma_n (a strictly increasing function of
-  n) instead of upstream's rescaled index (``noise_levels[n]``, about n); same information, the embedding sees a
-  different but monotone parametrisation.
+* Network time input: models trained here get the project's noise label 250 ln sigma_n (a strictly increasing
+  function of n) instead of upstream's rescaled index; same information, the embedding sees a different but monotone
+  parametrisation. Converted upstream checkpoints (``restore convert --from i2sb``) are wrapped with
+  ``noise_label="i2sb"``: upstream's ``noise_levels[n] = N (t0 + n (T - t0) / (N - 1))`` (t0 = 1e-4, T = 1).
 * Backbone: the project's ADM UNet trained from scratch on the same data as the BCM (upstream fine-tunes the
   256x256 ADM ImageNet checkpoint), optimiser/EMA from the shared training loop.
 * Super-resolution X_1 = A^+ y of the operator's kernel instead of nearest-neighbour upsampling; JPEG X_1 is the
@@ -149,13 +150,20 @@ class I2SB(_PreconditionedModel):
     ``operator``: the degradation it is trained for; ``beta_max`` / ``ot_ode`` default to the task's
     (:data:`TASK_DEFAULTS`); ``interval`` = N. ``sigma_min`` / ``sigma_max`` are the schedule's sigma_0 and
     sigma_{N-1} (given ones, e.g. from a checkpoint, must agree); ``sigma_data`` is unused.
+    ``noise_label``: the network's time input, "250log" (250 ln sigma_n, models trained here) or "i2sb" (upstream's
+    ``noise_levels[n] = N (t0 + n (t_end - t0) / (N - 1))``, converted checkpoints). ``cond_x1``: the network also
+    gets X_1 as extra input channels after X_n (upstream ``--cond-x1``).
     """
 
     kind = "i2sb"
+    NOISE_LABELS = ("250log", "i2sb")
 
     def __init__(self, net, *, operator: str, beta_max: float | None = None, interval: int = 1000,
                  ot_ode: bool | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
-                 sigma_data: float = SIGMA_DATA, autocast_dtype: torch.dtype | None = None):
+                 sigma_data: float = SIGMA_DATA, autocast_dtype: torch.dtype | None = None,
+                 noise_label: str = "250log", t0: float = 1e-4, t_end: float = 1.0, cond_x1: bool = False):
+        if noise_label not in self.NOISE_LABELS:
+            raise ValueError(f"unknown I2SB noise_label {noise_label!r}; known: {', '.join(self.NOISE_LABELS)}")
         op = build_operator(operator)
         default_beta, default_ot = TASK_DEFAULTS.get(op.name, (0.3, False))
         schedule = BridgeSchedule(float(default_beta if beta_max is None else beta_max), int(interval))
@@ -169,22 +177,44 @@ class I2SB(_PreconditionedModel):
         self.operator = op.spec
         self.schedule = schedule
         self.ot_ode = bool(default_ot if ot_ode is None else ot_ode)
+        self.cond_x1 = bool(cond_x1)
+        self.noise_label, self.t0, self.t_end = noise_label, float(t0), float(t_end)
+        if noise_label == "i2sb":
+            self._label = _identity  # predict_eps passes the label itself
+            n = schedule.interval
+            self.noise_levels = n * torch.linspace(self.t0, self.t_end, n, dtype=torch.float64)
 
     def wrapper_config(self) -> dict:
-        return {"operator": self.operator, "beta_max": self.schedule.beta_max, "interval": self.schedule.interval,
-                "ot_ode": self.ot_ode}
+        config = {"operator": self.operator, "beta_max": self.schedule.beta_max, "interval": self.schedule.interval,
+                  "ot_ode": self.ot_ode}
+        if self.noise_label != "250log":  # defaults stay out: older checkpoints keep their metadata (and hash)
+            config.update(noise_label=self.noise_label, t0=self.t0, t_end=self.t_end)
+        if self.cond_x1:
+            config["cond_x1"] = True
+        return config
 
     def extra_repr(self) -> str:
         return f"{self.wrapper_config()}, autocast_dtype={self.autocast_dtype}"
 
     def predict_eps(self, x: torch.Tensor, n, **cond) -> torch.Tensor:
-        """eps_theta(X_n, n): the network at noise label 250 ln sigma_n (counted)."""
+        """eps_theta(X_n, n): the network at noise label 250 ln sigma_n, or upstream's ``noise_levels[n]`` (counted).
+        With ``cond_x1`` pass ``cond=X_1``."""
         (x,) = self._prepare(x)
-        return self._run_net(x, self.schedule.at("std_fwd", n, x).reshape(-1), None, cond)
+        if self.noise_label == "i2sb":
+            n = torch.as_tensor(n, dtype=torch.long).cpu()
+            self.schedule.at("std_fwd", n, x)  # range check
+            time = self.noise_levels[n].to(device=x.device, dtype=x.dtype).reshape(-1)
+        else:
+            time = self.schedule.at("std_fwd", n, x).reshape(-1)
+        return self._run_net(x, time, None, cond)
 
     def forward(self, x: torch.Tensor, n, **cond) -> torch.Tensor:
         (x,) = self._prepare(x)
         return x - self.schedule.at("std_fwd", n, x) * self.predict_eps(x, n, **cond)
+
+
+def _identity(v: torch.Tensor) -> torch.Tensor:
+    return v
 
 
 register_wrapper(I2SB.kind, I2SB)
@@ -199,8 +229,9 @@ def i2sb_sample(model, x1: torch.Tensor, nfe: int, *, mask: torch.Tensor | None 
     schedule = model.schedule
     steps = schedule.sample_steps(nfe)[::-1]
     x = x1
+    extra = {"cond": x1} if getattr(model, "cond_x1", False) else {}
     for i, (n, m) in enumerate(zip(steps[:-1], steps[1:])):
-        x0 = model(x, n)
+        x0 = model(x, n, **extra)
         if clip_denoise:
             x0 = x0.clamp(-1, 1)
         step_callback(callback, x, i, float(schedule.std_fwd[n]), float(schedule.std_fwd[m]), x0)

@@ -41,7 +41,7 @@ from restore.engine.exact_inversion import (
 )
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
-from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
+from restore.engine.wrappers import BCM, ConsistencyModel, serves
 
 INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
@@ -113,7 +113,7 @@ def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, ga
         # nfe levels above sigma_min (the trailing sigma_min only ends the plan: cm_multistep_plan drops it)
         levels = karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max, append_zero=False).tolist()
         return sample_cm_multistep(model, x_T, levels, generator=generators)
-    if isinstance(model, EDMDenoiser):
+    if serves(model, "edm"):  # EDM denoisers and what stands in for one (VP-epsilon)
         return _edm_sample(model, x_T, edm_levels(nfe, model.sigma_min, model.sigma_max, edm_sampler), edm_sampler,
                            gamma)
     raise TypeError(f"no sampler for {type(model).__name__}")
@@ -151,7 +151,7 @@ def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Se
     gens = make_generators(seed, ids, images.device)
     if isinstance(model, BCM):
         return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens)
-    if isinstance(model, EDMDenoiser):
+    if serves(model, "edm"):  # EDM denoisers and what stands in for one (VP-epsilon)
         levels = karras_sigmas(_steps(nfe, edm_sampler) + 1, model.sigma_min, model.sigma_max, append_zero=False)
         return _edm_sample(model, _edm_invert(model, images, levels.flip(0), edm_sampler, gamma), levels, edm_sampler,
                            gamma)

@@ -309,6 +309,7 @@ def test_cm_methods_are_multistep_consistency_sampling_from_the_observation(name
     """cm-*: ``nfe`` rounds x = C(f(x + sigma_s z, sigma_s, sigma_min)) at geometric levels (Song et al. 2023,
     Algorithms 1 and 4), written out here; a consistency model runs them, and so does a BCM (it stands in for a CM)."""
     from restore.engine.oracles import oracle_cm
+    from restore.engine.wrappers import serves
 
     mu = torch.rand((3, 32, 32), generator=torch.Generator().manual_seed(1)) - 0.5
     x = torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -316,7 +317,7 @@ def test_cm_methods_are_multistep_consistency_sampling_from_the_observation(name
     op = build_operator(spec).draw(x.shape, gens)
     y = op.measure(x, gens)
     method = get_method(name)
-    assert method.model == "cm" and method.accepts("bcm") and not method.accepts("edm")
+    assert method.model == "cm" and serves("bcm", "cm") and not serves("edm", "cm")
     model = oracle_cm(mu, 0.4)
     with model.counter.counting() as count:
         out = method(model, y, op, nfe=nfe, generator=_gens(4))

@@ -22,6 +22,7 @@ def main() -> None:
       restore methods
       restore models
       restore convert ema_0.99997_234000.pt bcm-imagenet64.safetensors --from bcm-ict
+      restore convert 256x256_diffusion_uncond.pt adm256.safetensors --from guided-diffusion
     """
 
 
@@ -132,13 +133,32 @@ def methods(as_json: bool) -> None:
 @click.option("--from", "fmt", required=True,
               help="Upstream format of SRC, e.g. bcm-ict; an unknown name lists the supported ones "
                    "(docs/models.md#upstream-checkpoints).")
-@click.option("--wrapper", default=None, help="Model wrapper (bcm-ict: bcm or cm; default read off the weights).")
-@click.option("--resolution", type=int, default=None, help="Image resolution of the network (default: the format's).")
-@click.option("--head-channels", type=int, default=None, help="Channels per attention head (default: the format's).")
+@click.option("--wrapper", default=None,
+              help="Model wrapper (bcm-ict: bcm or cm, default read off the weights; openai-cm: cm or edm, "
+                   "default by file name: edm_* -> edm, cd_*/ct_* -> cm).")
+@click.option("--resolution", type=int, default=None,
+              help="Image resolution of the network (default: the format's; ADM families: the size in the file "
+                   "name, else 8 * 2^(levels-1)).")
+@click.option("--head-channels", type=int, default=None,
+              help="Channels per attention head (default: the format's: 64).")
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default=None,
+              help="guided-diffusion: discrete VP noise schedule (default: cosine at 64 px, else linear).")
+@click.option("--qkv-order", type=click.Choice(["three-heads-dim", "heads-three-dim", "heads-dim-three"]),
+              default=None,
+              help="guided-diffusion / i2sb: row order of the attention qkv weights (default: heads-three-dim = "
+                   "legacy, except three-heads-dim for 64 px guided-diffusion).")
+@click.option("--operator", "operator_spec", default=None, metavar="SPEC",
+              help="i2sb: the degradation the model restores, e.g. jpeg:quality=10 (default: from options.pkl's "
+                   "task where the toolkit has it: jpeg-5/10, sr4x-pool/bicubic, inpaint-center).")
+@click.option("--options", "options_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="i2sb: the task's options.pkl (default: next to SRC); read without running code.")
+@click.option("--weights", type=click.Choice(["ema", "net"]), default=None,
+              help="i2sb: the EMA weights (default, used by upstream sampling) or the raw network.")
 @click.option("--fp16", is_flag=True, help="Store weights in float16 (half the size).")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int | None, head_channels: int | None,
-            fp16: bool, force: bool) -> None:
+            schedule: str | None, qkv_order: str | None, operator_spec: str | None, options_file: Path | None,
+            weights: str | None, fp16: bool, force: bool) -> None:
     """Convert an upstream checkpoint SRC into a safetensors checkpoint DST (no code from SRC is ever run)."""
     import torch
 
@@ -148,7 +168,9 @@ def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int
         raise click.ClickException(f"{dst} exists; pass --force to overwrite it")
     if dst.resolve() == src.resolve():
         raise click.ClickException("DST must differ from SRC: inputs are never overwritten")
-    given = {"wrapper": wrapper, "img_resolution": resolution, "num_head_channels": head_channels}
+    given = {"wrapper": wrapper, "img_resolution": resolution, "num_head_channels": head_channels,
+             "schedule": schedule, "qkv_order": qkv_order, "operator": operator_spec, "options": options_file,
+             "weights": weights}
     try:
         out = convert_checkpoint(src, dst, fmt, dtype=torch.float16 if fp16 else None,
                                  **{k: v for k, v in given.items() if v is not None})

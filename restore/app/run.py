@@ -59,7 +59,7 @@ from operators import build_operator
 from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image
 from restore.app.tiling import tile_rule, tiled_restore
 from restore.engine.nfe import NFECount
-from restore.engine.wrappers import check_operator
+from restore.engine.wrappers import check_operator, serves
 from restore.methods import get_method
 from restore.quality import consistency_psnr, psnr, ssim
 from restore.records.provenance import environment
@@ -291,7 +291,7 @@ def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
         except (ValueError, OSError) as e:
             raise RunError(str(e).splitlines()[0]) from None
     kind = getattr(net, "kind", None)
-    if not meth.accepts(kind):
+    if not serves(net, meth.model):  # a BCM is also a CM, a VP-epsilon denoiser an EDM denoiser
         raise RunError(f"method {meth.name!r} needs a {meth.model} model, but {label} is a {kind} model")
     return net.to(device).eval(), label
 

@@ -198,11 +198,35 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
+def load_torch_file(path: str | Path) -> Any:
+    """The plain content (tensors, containers, numbers, strings) of an untrusted ``torch.save`` file, read with
+    ``torch.load(weights_only=True)``, which refuses any other pickled object. Refusals and truncated or corrupt
+    files are one-line ValueErrors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # not a refused object: a damaged pickle stream
+            inner = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            reason = inner.group(1) if inner else (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {reason}") from None
+        what = f" (found {found.group(1)})"
+        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors and plain "
+                         f"containers{what}; this tool never unpickles code") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {first}") from None
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` state dict from an untrusted ``.pt``/``.pth`` (or ``.safetensors``) file.
 
-    ``.pt`` files go through ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects;
-    the result must be a mapping of names to tensors (the official BCM/iCT format, docs/models.md#upstream-checkpoints).
+    ``.pt`` files go through `load_torch_file` (``torch.load(weights_only=True)``, which refuses arbitrary pickled
+    objects); the result must be a mapping of names to tensors (the official BCM/iCT format,
+    docs/models.md#upstream-checkpoints).
     """
     path = Path(path)
     if not path.is_file():
@@ -210,13 +234,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         with _readable(path):
             return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (found {found.group(1)})" if found else ""
-        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors and plain "
-                         f"containers{what}; this tool never unpickles code") from e
+    obj = load_torch_file(path)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path} is not a flat state dict of tensors (got {type(obj).__name__}); "
                          "expected the official un-prefixed UNet state dict")

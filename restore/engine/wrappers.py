@@ -7,7 +7,8 @@ The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, c
 noise labels are already transformed: by default the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
 label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); a wrapper built with
 ``noise_label="log4"`` passes NVlabs EDM's ``ln(sigma) / 4`` instead (`NOISE_LABELS`, saved with the checkpoint);
-``noise_u`` is passed only by `BCM`.
+``noise_u`` is passed only by `BCM`. `VPEpsDenoiser` feeds a discrete VP network its (fractional) step index instead.
+A wrapper's ``provides`` names the other kinds it can stand in for (`serves`).
 
 Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
 Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
@@ -16,6 +17,8 @@ is cast back before the skip connection.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -58,6 +61,15 @@ def wrapper_name(model: nn.Module) -> str:
             return name
     raise ValueError(f"{type(model).__qualname__} is not a registered wrapper (see register_wrapper); "
                      f"registered: {sorted(_WRAPPERS)}")
+
+
+def serves(model_or_name, required: str) -> bool:
+    """Whether a wrapper (instance, class or registered name) can stand in where a method needs a ``required``-kind
+    model: its own ``kind`` or one of the kinds it ``provides`` (a BCM is also a CM; a VP-epsilon denoiser is an
+    EDM-convention denoiser). Objects that are not wrappers answer by their ``kind`` attribute."""
+    if isinstance(model_or_name, str):
+        model_or_name = get_wrapper(model_or_name)
+    return required == getattr(model_or_name, "kind", None) or required in getattr(model_or_name, "provides", ())
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -130,6 +142,7 @@ class _PreconditionedModel(nn.Module):
     """Shared machinery: constants, noise-level broadcasting, counted and autocast network calls."""
 
     kind: str = ""  # registry name used by restore.engine.checkpoints
+    provides: tuple[str, ...] = ()  # other kinds this wrapper can stand in for (`serves`)
     bidirectional = False
 
     def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
@@ -233,6 +246,7 @@ class BCM(_PreconditionedModel):
     """
 
     kind = "bcm"
+    provides = ("cm",)  # jump(x, t, sigma_min) is a consistency model
     bidirectional = True
 
     def jump(self, x: torch.Tensor, t, u, **cond) -> torch.Tensor:
@@ -244,5 +258,81 @@ class BCM(_PreconditionedModel):
         return self.jump(x, sigma, self.sigma_min, **cond)
 
 
-for _cls in (EDMDenoiser, ConsistencyModel, BCM):
+# Discrete VP schedules of guided-diffusion (`gaussian_diffusion.get_named_beta_schedule`), by name.
+VP_SCHEDULES = ("linear", "cosine")
+
+
+def vp_schedule_sigmas(schedule: str, steps: int = 1000) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..steps-1 (float64) of a discrete VP schedule, abar_t the
+    cumulative product of 1 - beta_k, k <= t: "linear" beta_t = linspace(1e-4 s, 0.02 s, steps), s = 1000 / steps
+    (Ho et al. 2020); "cosine" beta_t = min(1 - abar(t+1)/abar(t), 0.999), abar(u) = cos^2((u/steps + 0.008)/1.008
+    pi/2) (Nichol & Dhariwal 2021). Linear, 1000 steps: sigma in [0.0100, 157.4]; cosine: [0.0064, 20291]."""
+    if schedule == "linear":
+        scale = 1000.0 / steps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    elif schedule == "cosine":
+        def abar(u: float) -> float:
+            return math.cos((u / steps + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(steps)], dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown VP schedule {schedule!r}; known: {', '.join(VP_SCHEDULES)}")
+    abar_t = torch.cumprod(1 - betas, 0)
+    return ((1 - abar_t) / abar_t).sqrt()
+
+
+class VPEpsDenoiser(_PreconditionedModel):
+    """An epsilon-prediction network of a discrete VP diffusion (guided-diffusion / ADM, DPS's FFHQ model) as an
+    EDM-convention denoiser: D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)) (Karras et al. 2022,
+    Table 1, VP / iDDPM columns: c_skip 1, c_out -sigma, c_in 1/sqrt(1 + sigma^2); no sigma_data scaling).
+
+    The network was trained on integer steps t = 0..steps-1 of ``schedule`` (`vp_schedule_sigmas`); t(sigma)
+    interpolates the step index linearly in ln sigma between the two neighbouring grid levels (k-diffusion's
+    ``sigma_to_t``), exact on the grid and clamped to [0, steps-1] outside the schedule's range. Interpolation rather
+    than rounding keeps D continuous in sigma, which the toolkit's samplers (Karras grids, Heun, DPS gradients) assume;
+    ADM's sinusoidal embedding accepts fractional steps. ``sigma_min`` / ``sigma_max`` are the schedule's sigma_0 and
+    sigma_{steps-1} (given ones must agree). It serves wherever an "edm" denoiser is needed (``provides``).
+    """
+
+    kind = "vp-eps"
+    provides = ("edm",)
+
+    def __init__(self, net: nn.Module, schedule: str = "linear", steps: int = 1000, sigma_min: float | None = None,
+                 sigma_max: float | None = None, sigma_data: float = SIGMA_DATA,
+                 autocast_dtype: torch.dtype | None = None):
+        sigmas = vp_schedule_sigmas(schedule, int(steps))
+        ends = (float(sigmas[0]), float(sigmas[-1]))
+        for given, value in zip((sigma_min, sigma_max), ends):
+            if given is not None and abs(given - value) > 1e-6 * value:
+                raise ValueError(f"sigma_min/sigma_max {sigma_min}, {sigma_max} do not match the {schedule} "
+                                 f"schedule's range {ends}")
+        super().__init__(net, sigma_data=sigma_data, sigma_min=ends[0], sigma_max=ends[1],
+                         autocast_dtype=autocast_dtype)
+        self.schedule, self.steps = schedule, int(steps)
+        self.noise_label = "vp-index"
+        self._label = self.timestep
+        # A plain float64 tensor, not a buffer: model.half() / .to(dtype) must not coarsen the grid t(sigma) reads.
+        self.log_sigmas = sigmas.log()
+
+    def wrapper_config(self) -> dict:
+        return {"schedule": self.schedule, "steps": self.steps}
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule!r}, steps={self.steps}, {super().extra_repr()}"
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t(sigma): the fractional step index, linear in ln sigma between grid levels (float64 internally)."""
+        log_sigmas = self.log_sigmas.to(sigma.device)  # copied once per call: 1000 numbers
+        ls = torch.log(sigma.to(torch.float64)).clamp(log_sigmas[0], log_sigmas[-1])
+        hi = torch.searchsorted(log_sigmas, ls).clamp(1, self.steps - 1)
+        w = (ls - log_sigmas[hi - 1]) / (log_sigmas[hi] - log_sigmas[hi - 1])
+        return (hi - 1 + w).to(sigma.dtype)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        x, sigma = self._prepare(x, sigma)
+        s = append_dims(sigma, x.ndim)
+        return x - s * self._run_net(x * (1 + s * s).rsqrt(), sigma, None, cond)
+
+
+for _cls in (EDMDenoiser, ConsistencyModel, BCM, VPEpsDenoiser):
     register_wrapper(_cls.kind, _cls)

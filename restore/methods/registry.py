@@ -21,8 +21,6 @@ from typing import Any
 from restore.engine.plugins import load_plugins
 
 NO_MODEL = "none"  # the ``model`` of a method that needs no network
-# Wrappers that can stand in for the kind a method names: a BCM jumps to sigma_min like a consistency model.
-STANDS_IN_FOR = {"cm": ("bcm",)}
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,6 @@ class Method:
     # The hyper-parameters a tuner may search, declared next to the method's code (keyword -> Float | Choice);
     # tuned per (operator, NFE) cell, so levels that depend on the budget are searched per budget.
     space: Mapping[str, Float | Choice] = field(default_factory=dict)
-
-    def accepts(self, wrapper: str) -> bool:
-        """Whether a model of registered wrapper ``wrapper`` can run this method (its kind, or in `STANDS_IN_FOR`)."""
-        return wrapper == self.model or wrapper in STANDS_IN_FOR.get(self.model, ())
 
     def supports(self, op) -> bool:
         """Whether the method handles operator ``op`` (by its registered name)."""

@@ -9,6 +9,7 @@ Formats, key layouts and noise conventions of each family: docs/models.md#upstre
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, *, dtype: tor
     """Convert the upstream checkpoint ``src`` (family ``fmt``) to a ``bcm-restore/1`` safetensors file ``dst``."""
     if fmt not in CONVERTERS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; supported: {', '.join(sorted(CONVERTERS))}")
-    model = CONVERTERS[fmt].read(src, **options)
+    read = CONVERTERS[fmt].read
+    accepted = [name for name, p in inspect.signature(read).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"format {fmt!r} takes no option {', '.join(unknown)}; its options: {', '.join(accepted)}")
+    model = read(src, **options)
     card = {"source": str(Path(src).name), "source_format": fmt, **(card or {})}
     return save_model(model, dst, dtype=dtype, card=card)
 
 
 # Importing the family modules registers them.
-from restore.engine.convert import bcm_ict  # noqa: E402,F401
+from restore.engine.convert import bcm_ict, guided_diffusion, i2sb, openai_cm  # noqa: E402,F401
 
 __all__ = ["CONVERTERS", "Converter", "convert_checkpoint", "register_converter"]
