@@ -22,6 +22,7 @@ def main() -> None:
       restore methods
       restore models
       restore convert ema_0.99997_234000.pt bcm-imagenet64.safetensors --from bcm-ict
+      restore convert edm-cifar10-32x32-uncond-vp.pkl edm-cifar10-ddpmpp.safetensors --from edm-pkl
     """
 
 
@@ -130,11 +131,16 @@ def methods(as_json: bool) -> None:
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--from", "fmt", required=True,
-              help="Upstream format of SRC, e.g. bcm-ict; an unknown name lists the supported ones "
+              help="Upstream format of SRC: bcm-ict (BCM/iCT .pt state dicts) or edm-pkl (NVlabs EDM network "
+                   "pickles, read without running them); an unknown name lists the supported ones "
                    "(docs/models.md#upstream-checkpoints).")
-@click.option("--wrapper", default=None, help="Model wrapper (bcm-ict: bcm or cm; default read off the weights).")
-@click.option("--resolution", type=int, default=None, help="Image resolution of the network (default: the format's).")
-@click.option("--head-channels", type=int, default=None, help="Channels per attention head (default: the format's).")
+@click.option("--wrapper", default=None,
+              help="Model wrapper (bcm-ict: bcm or cm; default read off the weights; edm-pkl: edm only).")
+@click.option("--resolution", type=int, default=None,
+              help="Image resolution of the network (default: the format's; edm-pkl reads it from the pickle and "
+                   "only checks this value).")
+@click.option("--head-channels", type=int, default=None,
+              help="Channels per attention head (default: the format's, 64; edm-pkl: DhariwalUNet only).")
 @click.option("--fp16", is_flag=True, help="Store weights in float16 (half the size).")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 def convert(src: Path, dst: Path, fmt: str, wrapper: str | None, resolution: int | None, head_channels: int | None,

@@ -14,8 +14,9 @@ names, docs/models.md#upstream-checkpoints) and string metadata
                      operator a conditional baseline was trained for, a non-default noise label); passed back as
                      keyword arguments
 
-Nothing is ever unpickled: safetensors files are read with ``safetensors.torch.load_file`` and
-upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`).
+Nothing is ever unpickled as is: safetensors files are read with ``safetensors.torch.load_file``,
+upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`) and NVlabs EDM ``.pkl``
+network pickles with the allow-list unpickler of `restore.engine.convert.edm_pkl`, which runs nothing from the file.
 """
 
 from __future__ import annotations
