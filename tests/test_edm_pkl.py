@@ -741,3 +741,56 @@ def test_converted_song_prior_runs_zero_shot_methods(method, tmp_path):
     out = get_method(method)(model, op(images), op, nfe=3, generator=gens)
     assert out.shape == images.shape and torch.isfinite(out).all()
     assert model.counter.forward >= 3
+
+
+# --- full-size checks (slow: run with pytest -m slow) ----------------------------------------------------------------
+
+
+def _full_size_check(tmp_path, arch: str, cfg: dict, kwargs: dict, labels):
+    taps = (1, 1) if arch == "adm" else cfg["resample_filter"]
+    sd = random_weights(edm_layout(arch, **cfg), taps, seed=5)
+    name = "DhariwalUNet" if arch == "adm" else "SongUNet"
+    src = write_pickle(tmp_path / "full.pkl", OrderedDict((f"model.{k}", v) for k, v in sd.items()), network=name,
+                       network_kwargs=kwargs)
+    model = load_model(convert_checkpoint(src, tmp_path / "full.safetensors", "edm-pkl"))
+    res = cfg["img_resolution"]
+    x, c_noise = torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(0)), torch.tensor([-1.0, 0.7])
+    onehot = None if labels is None else F.one_hot(labels, cfg["label_dim"])
+    with torch.no_grad():
+        ref = Direct(arch, sd, cfg)(x, c_noise, onehot)
+        out = model.net(x, c_noise, class_labels=labels).double()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-5, err
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cifar10-ddpmpp", "cifar10-ncsnpp-cond"])
+def test_full_size_cifar10_networks_convert_and_run(preset, tmp_path):
+    """The released CIFAR-10 architectures at full size (55.7 M / 56.4 M parameters) through a pickle; the
+    unconditional DDPM++ prior (edm-cifar10-32x32-uncond-vp.pkl's network) then runs DDNM."""
+    from operators import build_operator
+    from restore.methods import get_method
+
+    cfg = SongUNetConfig.preset(preset).to_dict()
+    labels = torch.tensor([3, 9]) if cfg["label_dim"] else None
+    kwargs = recorded_kwargs(cfg)
+    assert "num_blocks" not in kwargs and "attn_resolutions" not in kwargs  # EDM's defaults, as in the real files
+    model = _full_size_check(tmp_path, "song", cfg, kwargs, labels)
+    assert count_parameters(model.net) == (55_733_891 if preset == "cifar10-ddpmpp" else 56_400_643)
+    if labels is None:
+        import baselines  # noqa: F401 -- registers the methods
+
+        op = build_operator("box:size=16")
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        out = get_method("ddnm")(model, op(images), op, nfe=2, generator=[torch.Generator().manual_seed(i)
+                                                                           for i in range(2)])
+        assert out.shape == images.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_full_size_imagenet64_matches_the_official_equations(tmp_path):
+    """edm-imagenet-64x64-cond-adm.pkl's network at full size (295,899,267 parameters) through a pickle."""
+    kwargs = {k: v for k, v in ADM_IMAGENET.items() if k not in ("num_blocks", "attn_resolutions")}
+    model = _full_size_check(tmp_path, "adm", ADM_IMAGENET, kwargs, torch.tensor([1, 999]))
+    assert count_parameters(model.net) == 295_899_267
