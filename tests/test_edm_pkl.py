@@ -724,6 +724,26 @@ def test_round_trip_through_safetensors(tmp_path, adm_pickle):
         read_edm_pkl(adm_src, wrapper="cm")
 
 
+def test_half_precision_keeps_the_fourier_frequencies(tmp_path):
+    """--fp16 stores parameters in float16, buffers as they are; a 16-bit model keeps fp32 frequencies."""
+    cfg = SONG_SMALL["ncsnpp"]
+    sd = random_weights(edm_layout("song", **cfg), cfg["resample_filter"], seed=6)
+    src = write_pickle(tmp_path / "ve.pkl", OrderedDict((f"model.{k}", v) for k, v in sd.items()),
+                       network="SongUNet", network_kwargs=recorded_kwargs(cfg))
+    result = CliRunner().invoke(restore_main, ["convert", str(src), str(tmp_path / "ve16.safetensors"),
+                                               "--from", "edm-pkl", "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert read_metadata(tmp_path / "ve16.safetensors")["dtype"] == "float16,float32"
+    half = load_model(tmp_path / "ve16.safetensors", dtype=torch.bfloat16)
+    assert half.net.map_noise.freqs.dtype == torch.float32 and torch.equal(half.net.map_noise.freqs,
+                                                                           sd["map_noise.freqs"])
+    assert half.net.map_layer0.weight.dtype == torch.bfloat16
+    full = read_edm_pkl(src)
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 3.0])
+    out, ref = half(x, sigma), full(x, sigma)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 @pytest.mark.parametrize("method", ["ddnm", "dps"])
 def test_converted_song_prior_runs_zero_shot_methods(method, tmp_path):
     import baselines  # noqa: F401 -- registers the methods

@@ -238,7 +238,7 @@ def dhariwal_config(sd: dict[str, torch.Tensor], kwargs: dict[str, Any], *,
     resolution = int(kwargs.get("img_resolution", res0))
     if resolution != res0:
         raise ValueError(f"img_resolution {resolution} disagrees with the stem enc.{res0}x{res0}_conv")
-    mc = int(kwargs.get("model_channels", sd[stem_key].shape[0]))
+    mc = int(kwargs.get("model_channels", sd["map_layer0.weight"].shape[1]))  # the noise embedding is mc wide
     levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"enc\.(\d+)x\d+_", k))}, reverse=True)
     mult, attn = [], []
     nb = len({k.split(".")[1] for k in sd if re.match(rf"enc\.{res0}x{res0}_block\d+\.", k)})

@@ -287,6 +287,16 @@ class FourierEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", torch.randn(channels // 2) * scale)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Casting the module to a 16-bit type keeps ``freqs`` in its own precision (moved to the new device only):
+        EDM computes this embedding in fp32 even in fp16 mode, and 16-bit frequencies of magnitude ~50 would shift
+        the phases 2 pi c f by ~0.1 rad."""
+        kept = self.freqs
+        super()._apply(fn, recurse)
+        if kept.is_floating_point() and self.freqs.dtype.itemsize < min(4, kept.dtype.itemsize):
+            self.freqs = kept.to(self.freqs.device)
+        return self
+
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         dt = torch.promote_types(c.dtype, torch.float32)
         args = torch.outer(c.to(dt), 2 * math.pi * self.freqs.to(dt))
