@@ -538,6 +538,11 @@ def test_other_persistence_versions_and_layouts_are_refused(tmp_path):
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": [1, 2]}))
     with pytest.raises(ValueError, match="not an EDM network pickle"):
         read_edm_snapshot(tmp_path / "plain.pkl")
+    bad_state = write_pickle(tmp_path / "bad.pkl", sd, network="SongUNet", network_kwargs=recorded_kwargs(cfg),
+                             extra_state={"_parameters": [1, 2]})
+    with pytest.raises(ValueError, match="malformed module state") as info:
+        read_edm_snapshot(bad_state)
+    assert "\n" not in str(info.value)
     vp = write_pickle(tmp_path / "vp.pkl", sd, network="SongUNet", network_kwargs=recorded_kwargs(cfg),
                       precond="VPPrecond")
     with pytest.raises(ValueError, match="uses VPPrecond; only EDMPrecond"):

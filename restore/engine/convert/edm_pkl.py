@@ -193,17 +193,27 @@ def read_edm_snapshot(src: str | Path, key: str = "ema") -> EDMSnapshot:
         if str(e).startswith("refusing"):
             raise ValueError(f"refusing to load {path}: {_one_line(e)}; nothing from it was executed") from None
         raise ValueError(f"{path} is not a readable EDM network pickle: {_one_line(e)}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError, MemoryError) as e:
+    except Exception as e:  # whatever a truncated or corrupt stream makes the unpickler raise: one line
         raise ValueError(f"{path} is not a readable EDM network pickle (truncated or corrupt?): "
                          f"{type(e).__name__}: {_one_line(e)}") from None
     if not isinstance(data, dict) or not isinstance(data.get(key), PersistentRecord):
-        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path} is not an EDM network pickle: expected a dict with a persistent {key!r} network, "
                          f"found {found}")
+    try:
+        return _snapshot(data, key)
+    except (AttributeError, TypeError, RecursionError) as e:  # records whose states are not module states
+        raise ValueError(f"{path} is not an EDM network pickle: malformed module state "
+                         f"({type(e).__name__}: {_one_line(e)})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {_one_line(e)}") from None
+
+
+def _snapshot(data: dict, key: str) -> EDMSnapshot:
     ema = data[key]
     model = (ema.state.get("_modules") or {}).get("model")
     if not isinstance(model, PersistentRecord):
-        raise ValueError(f"{path}: the {ema.class_name} in {key!r} has no persistent 'model' network")
+        raise ValueError(f"the {ema.class_name} in {key!r} has no persistent 'model' network")
     sd: dict[str, torch.Tensor] = {}
     _flatten(ema, "", sd)
     skip = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_init_args",
