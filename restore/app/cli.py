@@ -23,6 +23,7 @@ def main() -> None:
       restore models
       restore convert ema_0.99997_234000.pt bcm-imagenet64.safetensors --from bcm-ict
       restore convert 256x256_diffusion_uncond.pt adm256.safetensors --from guided-diffusion
+      restore convert edm-cifar10-32x32-uncond-vp.pkl edm-cifar10-ddpmpp.safetensors --from edm-pkl
     """
 
 
@@ -131,16 +132,17 @@ def methods(as_json: bool) -> None:
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--from", "fmt", required=True,
-              help="Upstream format of SRC, e.g. bcm-ict; an unknown name lists the supported ones "
+              help="Upstream format of SRC: bcm-ict (BCM/iCT .pt state dicts) or edm-pkl (NVlabs EDM network "
+                   "pickles, read without running them); an unknown name lists the supported ones "
                    "(docs/models.md#upstream-checkpoints).")
 @click.option("--wrapper", default=None,
               help="Model wrapper (bcm-ict: bcm or cm, default read off the weights; openai-cm: cm or edm, "
-                   "default by file name: edm_* -> edm, cd_*/ct_* -> cm).")
+                   "default by file name: edm_* -> edm, cd_*/ct_* -> cm; edm-pkl: edm only).")
 @click.option("--resolution", type=int, default=None,
               help="Image resolution of the network (default: the format's; ADM families: the size in the file "
-                   "name, else 8 * 2^(levels-1)).")
+                   "name, else 8 * 2^(levels-1); edm-pkl reads it from the pickle and only checks this value).")
 @click.option("--head-channels", type=int, default=None,
-              help="Channels per attention head (default: the format's: 64).")
+              help="Channels per attention head (default: the format's: 64; edm-pkl: DhariwalUNet only).")
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default=None,
               help="guided-diffusion: discrete VP noise schedule (default: cosine at 64 px, else linear).")
 @click.option("--qkv-order", type=click.Choice(["three-heads-dim", "heads-three-dim", "heads-dim-three"]),

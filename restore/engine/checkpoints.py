@@ -14,8 +14,9 @@ names, docs/models.md#upstream-checkpoints) and string metadata
                      operator a conditional baseline was trained for, a non-default noise label); passed back as
                      keyword arguments
 
-Nothing is ever unpickled: safetensors files are read with ``safetensors.torch.load_file`` and
-upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`).
+Nothing is ever unpickled as is: safetensors files are read with ``safetensors.torch.load_file``,
+upstream ``.pt`` files with ``torch.load(weights_only=True)`` (`load_state_dict_file`) and NVlabs EDM ``.pkl``
+network pickles with the allow-list unpickler of `restore.engine.convert.edm_pkl`, which runs nothing from the file.
 """
 
 from __future__ import annotations
@@ -101,16 +102,18 @@ def save_model(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None 
                card: dict[str, Any] | None = None) -> Path:
     """Write a registered wrapper (its ``.net`` backbone and sigma constants) as a ``bcm-restore/1`` safetensors file.
 
-    ``dtype`` (e.g. ``torch.float16``) converts floating-point tensors for storage; `load_model`
+    ``dtype`` (e.g. ``torch.float16``) converts floating-point parameters for storage; buffers keep their dtype
+    (constants whose precision matters, such as the random Fourier frequencies of an NCSN++ `SongUNet`). `load_model`
     converts back to the requested dtype. ``card`` is an optional JSON-serialisable model card.
     """
     name = wrapper_name(model)
     net = model.net
     network = network_name(net)
+    buffers = {key for key, _ in net.named_buffers()}
     tensors = {}
     for key, t in net.state_dict().items():
         t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and key not in buffers:
             t = t.to(dtype)
         tensors[key] = t.contiguous()  # channels_last parameters are stored in standard layout
     stored = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}

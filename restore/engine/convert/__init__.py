@@ -54,6 +54,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, fmt: str, *, dtype: tor
 
 
 # Importing the family modules registers them.
-from restore.engine.convert import bcm_ict, guided_diffusion, i2sb, openai_cm  # noqa: E402,F401
+from restore.engine.convert import bcm_ict, edm_pkl, guided_diffusion, i2sb, openai_cm  # noqa: E402,F401
 
 __all__ = ["CONVERTERS", "Converter", "convert_checkpoint", "register_converter"]

@@ -1,4 +1,5 @@
-"""Network backbones, by name: "adm" is the ADM UNet used by BCM / iCT / EDM models (see `unet.py`).
+"""Network backbones, by name: "adm" is the ADM UNet used by BCM / iCT / EDM models (see `unet.py`); "song" is
+NVlabs EDM's DDPM++ / NCSN++ ``SongUNet`` of its CIFAR-10 / FFHQ / AFHQv2 pickles (see `songunet.py`).
 
 A checkpoint names its backbone in the ``network`` metadata key (absent: "adm") and stores the backbone's
 config as JSON; `build_network` turns the pair back into a module. A backbone class exposes ``config_class``
@@ -11,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from restore.engine.networks.songunet import SONG_PRESETS, SongUNet, SongUNetConfig
 from restore.engine.networks.unet import PRESETS, UNet, UNetConfig, count_parameters
 
-NETWORKS: dict[str, type[nn.Module]] = {"adm": UNet}
+NETWORKS: dict[str, type[nn.Module]] = {"adm": UNet, "song": SongUNet}
 
 
 def network_name(net: nn.Module) -> str:
@@ -32,4 +34,5 @@ def build_network(name: str, config: dict[str, Any]) -> nn.Module:
     return cls(cls.config_class.from_dict(config))
 
 
-__all__ = ["NETWORKS", "PRESETS", "UNet", "UNetConfig", "build_network", "count_parameters", "network_name"]
+__all__ = ["NETWORKS", "PRESETS", "SONG_PRESETS", "SongUNet", "SongUNetConfig", "UNet", "UNetConfig", "build_network",
+           "count_parameters", "network_name"]
