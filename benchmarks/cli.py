@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from restore.app.cli import acceleration_options
+
 
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
@@ -78,8 +80,9 @@ def list_cmd(as_json: bool) -> None:
 @click.option("--device", default=None,
               help="Torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Rich progress bars on stderr.")
+@acceleration_options
 def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str | None, device: str | None,
-        progress: bool) -> None:
+        progress: bool, acceleration) -> None:
     """Run the benchmark SUITE (a built-in name or a TOML file), resuming what --out already holds.
 
     Writes results.csv (long format: one row per image x cell x metric; FID/KID rows have image_id *),
@@ -91,7 +94,7 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
     Examples:
       restore-bench run quick --out results/quick
       restore-bench run my-suite.toml --out results/mine --limit 16
-      restore-bench run bcm-paper-jpeg --model bcm=bcm_imagenet64.safetensors --data val_data.npz
+      restore-bench run bcm-paper-jpeg --model bcm=bcm_imagenet64.safetensors --data val_data.npz --bf16
     """
     from benchmarks.runner import run_suite
     from benchmarks.suites import load_suite
@@ -102,7 +105,8 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
             spec = spec.with_models(models)
         if data:
             spec = spec.with_dataset(data)
-        summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress)
+        summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress,
+                            acceleration=acceleration)
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     if summary["rank"] == 0:
