@@ -22,14 +22,15 @@ Per cell (operator x method entry x NFE budget x seed):
 * ``est_seconds``: ``gflop_total`` / the model's measured throughput: one forward of a batch of
   :data:`THROUGHPUT_BATCH` images (the probe's first network input repeated) on the device with the run's bf16 /
   channels_last, the fastest of :data:`TIMED_CALLS` after one warm-up call. It counts network work only (not the
-  JPEG codec, projections, metrics or file I/O), and a small batch under-uses a GPU, so it is a rough guide.
-  ``--compile`` is not applied here (compiling would take longer than the estimate and changes no FLOP count).
+  JPEG codec, projections, metrics, FID's Inception passes or file I/O), and a small batch under-uses a GPU, so it
+  is a rough guide. ``--compile`` is not applied here (compiling would take longer than the estimate and changes no
+  FLOP count).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
@@ -149,7 +150,7 @@ class Cost:
 
     def to_json(self) -> dict:
         return {"device": self.device, "cells": self.rows.to_dict(orient="records"), "total": self.total,
-                "networks": {m: n.__dict__ for m, n in self.networks.items()}, "backward_cost": BACKWARD_COST,
+                "networks": {m: asdict(n) for m, n in self.networks.items()}, "backward_cost": BACKWARD_COST,
                 "throughput_batch": THROUGHPUT_BATCH}
 
     def render(self) -> str:
