@@ -113,3 +113,22 @@ def test_pickled_objects_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a flat state dict"):
         load_state_dict_file(tmp_path / "nested.pt")
 
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA")])])
+def test_converted_checkpoint_loads_on_cuda(tmp_path, device):
+    """Converted on the CPU, loaded straight onto the GPU (safetensors to the device): the same network."""
+    config = UNetConfig.preset("imagenet64-bcm", model_channels=32, num_head_channels=32, num_classes=10)
+    sd = official_like_state_dict(config)
+    torch.save(sd, tmp_path / "ema.pt")
+    dst = convert_checkpoint(tmp_path / "ema.pt", tmp_path / "converted.safetensors", "bcm-ict", num_head_channels=32)
+    model = load_model(dst, device=device)
+    assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    kw = {"noise_t": torch.tensor([100.0, -500.0]), "class_labels": torch.tensor([3, 7]),
+          "noise_u": torch.tensor([-1500.0, 900.0])}
+    with torch.inference_mode():
+        on_device = model.net(x.to(device), **{k: v.to(device) for k, v in kw.items()})
+        on_cpu = load_model(dst).net(x, **kw)
+    torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
