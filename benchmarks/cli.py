@@ -93,9 +93,9 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
     Prints a JSON summary on stdout. Shard over processes with
     `torchrun --nproc_per_node=N -m benchmarks run ...`.
 
-    --dry-run estimates the cost first (benchmarks.runner.cost): per cell the NFE per image the counter will
-    report, GFLOP per network forward (torch's FLOP counter; a backward counts as 2 forwards) and in total,
-    and the time at the network throughput measured on this device.
+    --dry-run prints the cost instead and writes nothing (benchmarks.runner.cost): per cell the NFE per image
+    the counter will report, GFLOP per network forward (torch's FLOP counter; a backward counts as 2 forwards)
+    and in total, and the time at the network throughput measured on this device.
 
     \b
     Examples:
