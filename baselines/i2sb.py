@@ -112,8 +112,10 @@ class BridgeSchedule:
         n = torch.as_tensor(n, dtype=torch.long).cpu()
         if ((n < 0) | (n >= self.interval)).any():
             raise ValueError(f"bridge index out of range [0, {self.interval}): {n.tolist()}")
-        v = getattr(self, name)[n].to(device=like.device, dtype=like.dtype)
-        return append_dims(v, like.ndim) if v.ndim else v
+        table = getattr(self, name)
+        if n.ndim == 0:  # one level, filled on the device: copying it from the host syncs CUDA at every step
+            return torch.full((), float(table[n]), dtype=like.dtype, device=like.device)
+        return append_dims(table[n].to(device=like.device, dtype=like.dtype), like.ndim)
 
     def marginal(self, n, x0: torch.Tensor, x1: torch.Tensor, generator: Generator = None,
                  ot_ode: bool = False) -> torch.Tensor:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from restore.app.cli import acceleration_options
+
 
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
@@ -78,8 +80,12 @@ def list_cmd(as_json: bool) -> None:
 @click.option("--device", default=None,
               help="Torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Rich progress bars on stderr.")
+@click.option("--dry-run", is_flag=True,
+              help="Print every cell's counted NFE, GFLOP and estimated time instead of running; writes nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the estimate as JSON.")
+@acceleration_options
 def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str | None, device: str | None,
-        progress: bool) -> None:
+        progress: bool, dry_run: bool, as_json: bool, acceleration) -> None:
     """Run the benchmark SUITE (a built-in name or a TOML file), resuming what --out already holds.
 
     Writes results.csv (long format: one row per image x cell x metric; FID/KID rows have image_id *),
@@ -87,22 +93,33 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
     Prints a JSON summary on stdout. Shard over processes with
     `torchrun --nproc_per_node=N -m benchmarks run ...`.
 
+    --dry-run prints the cost instead and writes nothing (benchmarks.runner.cost): per cell the NFE per image
+    the counter will report, GFLOP per network forward (torch's FLOP counter; a backward counts as 2 forwards)
+    and in total, and the time at the network throughput measured on this device.
+
     \b
     Examples:
+      restore-bench run quick --dry-run
       restore-bench run quick --out results/quick
       restore-bench run my-suite.toml --out results/mine --limit 16
-      restore-bench run bcm-paper-jpeg --model bcm=bcm_imagenet64.safetensors --data val_data.npz
+      restore-bench run bcm-paper-jpeg --model bcm=bcm_imagenet64.safetensors --data val_data.npz --bf16
     """
     from benchmarks.runner import run_suite
     from benchmarks.suites import load_suite
 
+    if as_json and not dry_run:
+        raise click.UsageError("--json goes with --dry-run (a run prints its JSON summary anyway)")
     try:
         spec = load_suite(suite)
         if models:
             spec = spec.with_models(models)
         if data:
             spec = spec.with_dataset(data)
-        summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress)
+        if dry_run:
+            _dry_run(spec, limit, device, acceleration, as_json)
+            return
+        summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress,
+                            acceleration=acceleration)
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     if summary["rank"] == 0:
@@ -111,6 +128,16 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
             click.echo(f"warning: fairness rule broken: {v}", err=True)
     if summary["failures"]:
         raise click.ClickException(f"{len(summary['failures'])} cell(s) failed; first: {summary['failures'][0]}")
+
+
+def _dry_run(suite, limit: int | None, device: str | None, acceleration, as_json: bool) -> None:
+    """Print the cost estimate of ``suite`` (no output folder, no run)."""
+    from benchmarks.runner.cost import estimate_cost
+    from benchmarks.runner.plan import make_plan
+    from restore.runtime import distributed
+
+    cost = estimate_cost(make_plan(suite, limit), distributed.setup(device)[2], acceleration)
+    click.echo(json.dumps(cost.to_json(), indent=1) if as_json else cost.render())
 
 
 @main.command()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 # Both cores by default (the CI machine has 2); OMP_NUM_THREADS wins when set, e.g. on a shared box.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
@@ -75,3 +76,32 @@ def g():
     from restore.engine.oracles import GaussianFlow
 
     return GaussianFlow(GAUSSIAN_MU, GAUSSIAN_S)
+
+
+def analytic_forward_flops(model, call) -> int:
+    """Closed-form multiply-add count (x2) of one forward pass: every conv 2·out·(in/groups)·k², every linear
+    2·out·in, every attention block 4·S²·C per image (q kᵀ and the weighted sum of v), from hooks on the modules
+    of ``model`` while ``call()`` runs."""
+    from restore.engine.networks.layers import AttentionBlock
+
+    total = [0]
+
+    def conv(m, inputs, out):
+        total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inputs, out):
+        total[0] += 2 * out.numel() * m.in_features
+
+    def attention(m, inputs, out):
+        b, c, h, w = inputs[0].shape
+        total[0] += 4 * b * (h * w) ** 2 * c
+
+    kinds = ((nn.Conv2d, conv), (nn.Linear, linear), (AttentionBlock, attention))
+    hooks = [m.register_forward_hook(fn) for m in model.modules() for kind, fn in kinds if isinstance(m, kind)]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]

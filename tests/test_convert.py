@@ -131,3 +131,22 @@ def test_qkv_row_permutation_matches_the_index_formula(order):
     assert torch.equal(qkv_rows_to_native(old, heads, "three-heads-dim"), old)
     with pytest.raises(ValueError, match="do not split"):
         qkv_rows_to_native(old[:-1], heads, order)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA")])])
+def test_converted_checkpoint_loads_on_cuda(tmp_path, device):
+    """Converted on the CPU, loaded straight onto the GPU (safetensors to the device): the same network."""
+    config = UNetConfig.preset("imagenet64-bcm", model_channels=32, num_head_channels=32, num_classes=10)
+    sd = official_like_state_dict(config)
+    torch.save(sd, tmp_path / "ema.pt")
+    dst = convert_checkpoint(tmp_path / "ema.pt", tmp_path / "converted.safetensors", "bcm-ict", num_head_channels=32)
+    model = load_model(dst, device=device)
+    assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    kw = {"noise_t": torch.tensor([100.0, -500.0]), "class_labels": torch.tensor([3, 7]),
+          "noise_u": torch.tensor([-1500.0, 900.0])}
+    with torch.inference_mode():
+        on_device = model.net(x.to(device), **{k: v.to(device) for k, v in kw.items()})
+        on_cpu = load_model(dst).net(x, **kw)
+    torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=1e-4, atol=1e-4)

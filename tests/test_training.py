@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import analytic_forward_flops
 from torch import nn
 
 from restore.engine.checkpoints import load_model, read_metadata
@@ -163,37 +164,8 @@ def _net16(bidirectional: bool, dropout: float = 0.0) -> UNet:
     return UNet(UNetConfig.preset("cifar-tiny", img_resolution=16, bidirectional=bidirectional, dropout=dropout))
 
 
-def analytic_forward_flops(model, call) -> int:
-    """Closed-form multiply-add count (x2) of one forward pass: every conv 2·out·(in/groups)·k², every linear
-    2·out·in, every attention block 4·S²·C per image (q kᵀ and the weighted sum of v), from hooks on the modules
-    of ``model`` while ``call()`` runs."""
-    from restore.engine.networks.layers import AttentionBlock
-
-    total = [0]
-
-    def conv(m, inputs, out):
-        total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def linear(m, inputs, out):
-        total[0] += 2 * out.numel() * m.in_features
-
-    def attention(m, inputs, out):
-        b, c, h, w = inputs[0].shape
-        total[0] += 4 * b * (h * w) ** 2 * c
-
-    kinds = ((nn.Conv2d, conv), (nn.Linear, linear), (AttentionBlock, attention))
-    hooks = [m.register_forward_hook(fn) for m in model.modules() for kind, fn in kinds if isinstance(m, kind)]
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
-
-
 def counted_forward_flops(call) -> int:
-    from training.flops import flop_counter
+    from restore.engine.flops import flop_counter
 
     with torch.no_grad(), flop_counter() as counter:
         call()

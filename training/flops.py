@@ -9,8 +9,8 @@ measures it.
 :func:`training_flops` runs ``loss.terms`` forward and backward once on a small batch of the run's data, under
 the run's settings (bf16 autocast, channels_last, device), inside :class:`torch.utils.flop_counter.FlopCounterMode`
 and divides by the batch. The counter counts matrix products and convolutions (forward and backward,
-attention's products included, whichever kernel runs them: :func:`flop_counter` adds the fused CPU attention
-kernel that torch's registry lacks) -- the work that scales with the network -- and not element-wise
+attention's products included, whichever kernel runs them: :func:`restore.engine.flops.flop_counter` adds the
+fused CPU attention kernel that torch's registry lacks) -- the work that scales with the network -- and not element-wise
 operations, normalisations or the optimizer update (per step, not per image). Every pass the loss makes is
 counted: teacher / target forwards, the BCT jump, input gradients through a stop-gradient network.
 
@@ -25,34 +25,14 @@ import copy
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from operators.utils import image_seed
+from restore.engine.flops import flop_counter
 from training.data import ImageData
 
-__all__ = ["MEASURE_BATCH", "flop_counter", "loss_flops", "training_flops"]
+__all__ = ["MEASURE_BATCH", "loss_flops", "training_flops"]
 
 MEASURE_BATCH = 4  # images in the measured batch: every counted op is linear in the batch, so small is exact
-
-
-def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_flash_attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                                  **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# The fused CPU attention kernel (taken by scaled_dot_product_attention e.g. for channels_last inputs) is missing
-# from torch's formula registry, which would silently drop attention from the count: same formulas as the GPU kernels.
-_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward}
-
-
-def flop_counter() -> FlopCounterMode:
-    """A silent :class:`~torch.utils.flop_counter.FlopCounterMode` that also counts the fused CPU attention."""
-    return FlopCounterMode(display=False, custom_mapping=_FORMULAS)
 
 
 def loss_flops(model: torch.nn.Module, loss, x: torch.Tensor, *, step: int = 0, seed: int = 0,

@@ -10,7 +10,8 @@ One module per stage; values pass between them explicitly (frozen dataclasses, p
 * :mod:`~benchmarks.runner.aggregate` -- metrics over restorations (per image, FID / KID per cell) and
   the results frame over every journal;
 * :mod:`~benchmarks.runner.session` -- :func:`run_suite`, the stages in order for one process, and the
-  run records; :mod:`~benchmarks.runner.progress` displays progress.
+  run records; :mod:`~benchmarks.runner.progress` displays progress;
+* :mod:`~benchmarks.runner.cost` -- a plan -> its estimated cost (``--dry-run``), before any stage runs.
 
 What an output folder holds::
 

@@ -31,6 +31,7 @@ from benchmarks.runner.measure import Measured, MeasurementCache
 from benchmarks.runner.plan import Cell, Plan
 from benchmarks.runner.progress import ProgressBar
 from operators import build_operator
+from restore.engine.acceleration import OFF, Acceleration
 from restore.runtime.seeds import measurement_generators, restoration_generators
 
 
@@ -57,15 +58,17 @@ class Execution:
     failures: tuple[str, ...] = ()
 
 
-def load_model(ref: str | None, device: torch.device) -> tuple[torch.nn.Module | None, int]:
-    """``(model, parameter count)`` of a cell's model reference; ``(None, 0)`` for methods without one."""
+def load_model(ref: str | None, device: torch.device,
+               acceleration: Acceleration = OFF) -> tuple[torch.nn.Module | None, int]:
+    """``(model, parameter count)`` of a cell's model reference, on ``device`` with ``acceleration`` applied;
+    ``(None, 0)`` for methods without one."""
     if ref is None:
         return None, 0
     from restore.engine.checkpoints import load_model as load
     from restore.engine.networks import count_parameters
 
     model = load(ref, device=device).requires_grad_(False)
-    return model, count_parameters(model)
+    return acceleration.apply(model), count_parameters(model)
 
 
 def restore_batch(cell: Cell, method, model, params: int, ids: list[str], x: torch.Tensor, measured: Measured,
@@ -119,7 +122,7 @@ def _batches(dataset, indices: list[int], batch_size: int) -> list[list[int]]:
 
 
 def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, finished: Finished,
-              progress: ProgressBar) -> Execution:
+              progress: ProgressBar, acceleration: Acceleration = OFF) -> Execution:
     """Run every cell of ``plan`` on this shard's images (see the module docstring)."""
     from restore.app.io import output_path
     from restore.methods import get_method
@@ -153,7 +156,7 @@ def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, fin
                     commit_images(journal, suite.name, rescore_batch(cell, ids, x, measured, out, missing, finished))
                 else:
                     if cell.model not in models:
-                        models[cell.model] = load_model(cell.model, device)
+                        models[cell.model] = load_model(cell.model, device, acceleration)
                     model, params = models[cell.model]
                     result, elapsed = restore_batch(cell, method, model, params, ids, x, measured, gens.method, out,
                                                     metrics)

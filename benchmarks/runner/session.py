@@ -27,18 +27,21 @@ from benchmarks.runner.measure import degraded_dir
 from benchmarks.runner.plan import GRID_IMAGES, make_plan
 from benchmarks.runner.progress import ProgressBar
 from benchmarks.suites import Suite
+from restore.engine.acceleration import OFF, Acceleration
 from restore.records.provenance import environment
 from restore.runtime import distributed
 from restore.runtime.files import write_csv_atomic, write_text_atomic
 
 
 def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None, device: str | None = None,
-              progress: bool = True, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+              progress: bool = True, shard: tuple[int, int] | None = None,
+              acceleration: Acceleration = OFF) -> dict[str, Any]:
     """Run (or resume) ``suite`` into folder ``out``; returns a summary (cells, images, timings, failures).
 
     ``shard=(rank, world_size)`` runs one shard without torch.distributed (the journals merge the
     same way); by default the shard comes from torchrun's environment. Only rank 0 computes set
-    metrics and writes ``results.csv`` and ``run.json``.
+    metrics and writes ``results.csv`` and ``run.json``. ``acceleration`` (bf16, channels_last, compile) applies to
+    every model of the run and is recorded in ``run.json``, not in the cell keys (like the device).
     """
     wall = time.perf_counter()
     if shard is None:
@@ -56,7 +59,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
         try:
             bar.skip(sum(finished.missing(c.key, plan.dataset.image_id(i), suite.image_metrics) == set()
                          for c in plan.cells for i in mine))
-            done = run_cells(plan, out, dev, journal, finished, bar)
+            done = run_cells(plan, out, dev, journal, finished, bar, acceleration)
             failures += done.failures
             distributed.barrier(world)
             if rank == 0:
@@ -68,11 +71,12 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
                "method_seconds": round(done.method_seconds, 3), "wall_seconds": round(time.perf_counter() - wall, 3),
                "failures": failures}
     if rank == 0:
-        _write_records(plan, out, dev, limit, summary)
+        _write_records(plan, out, dev, limit, summary, acceleration)
     return summary
 
 
-def _write_records(plan, out: Path, device: torch.device, limit: int | None, summary: dict[str, Any]) -> None:
+def _write_records(plan, out: Path, device: torch.device, limit: int | None, summary: dict[str, Any],
+                   acceleration: Acceleration) -> None:
     """``results.csv``, ``run.json`` and a line in ``runs.jsonl``; adds rows and fairness violations to ``summary``."""
     from benchmarks.fairness import fairness_report
 
@@ -83,7 +87,7 @@ def _write_records(plan, out: Path, device: torch.device, limit: int | None, sum
     models = fairness_report(suite.model_refs)
     summary["fairness_violations"] = models["violations"]
     record = {
-        "suite": suite.to_dict(), "images": len(ids), "limit": limit,
+        "suite": suite.to_dict(), "images": len(ids), "limit": limit, "acceleration": acceleration.to_dict(),
         "environment": environment(device, plan.world_size), "models": models, "summary": summary,
         "grid_ids": ids[:GRID_IMAGES],
         "cells": [{"key": c.key, "label": c.label, "dir": str(c.out_dir(out).relative_to(out)), **c.config,

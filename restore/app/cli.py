@@ -5,10 +5,29 @@ Progress goes to stderr, machine-readable results to stdout; user errors exit no
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import click
+
+
+def acceleration_options(f):
+    """The speed options of a run (`restore.engine.acceleration`), handed to the command as one ``acceleration``
+    argument; shared by `restore run` and `restore-bench run`."""
+
+    @functools.wraps(f)
+    def command(*args, bf16: bool, channels_last: bool, compile: bool, **kwargs):
+        from restore.engine.acceleration import Acceleration
+
+        return f(*args, acceleration=Acceleration(bf16, channels_last, compile), **kwargs)
+
+    options = (click.option("--bf16", is_flag=True, help="bf16 autocast for the network (CUDA and CPU)."),
+               click.option("--channels-last", is_flag=True, help="channels_last memory format for the network."),
+               click.option("--compile", is_flag=True, help="torch.compile the network (pays off on long GPU runs)."))
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,9 +90,11 @@ def models(as_json: bool) -> None:
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Minimum tile overlap in measurement pixels; default: a quarter tile.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@acceleration_options
 def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe: int | None, model: str | None,
         degrade: bool, reference: Path | None, batch_size: int, device: str | None, seed: int, recursive: bool,
-        overwrite: bool, hparams: tuple[str, ...], tile: int | None, overlap: int | None, progress: bool) -> None:
+        overwrite: bool, hparams: tuple[str, ...], tile: int | None, overlap: int | None, progress: bool,
+        acceleration) -> None:
     """Restore every image in INPUT_DIR into OUTPUT_DIR (PNGs plus manifest.csv; re-running resumes).
 
     Images of the model's size are batched; other sizes are restored in overlapping tiles for local
@@ -96,7 +117,7 @@ def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe:
             input_dir, output_dir, operator=operator_spec, method=method, nfe=nfe, model=model, degrade=degrade,
             reference=reference, batch_size=batch_size, seed=seed, recursive=recursive, overwrite=overwrite,
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"), hparams=parse_hparams(hparams),
-            tile=tile, overlap=overlap, progress=progress, on_error=skipped)
+            tile=tile, overlap=overlap, progress=progress, on_error=skipped, acceleration=acceleration)
     except RunError as e:
         raise click.ClickException(str(e)) from None
     ok = [r for r in summary.rows if r["status"] == "ok"]

@@ -19,7 +19,8 @@ registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
   saved 8-bit images: ``psnr`` and ``ssim`` against a reference (the clean input with ``degrade``, or the image with the
   same id, extension ignored, in ``reference``) and ``cpsnr``, the consistency PSNR against the measurement
   ``y`` (the measured ``y`` with ``degrade``; otherwise the input itself, which *is* ``y``);
-* ``run.json``: the settings that determine the outputs, plus the environment.
+* ``run.json``: the settings that determine the outputs, plus the speed options (bf16, channels_last, compile:
+  rounding only, so a run resumes across them) and the environment.
 
 Resuming: a second call restores only images without an ``ok`` manifest row and an existing
 output file, so an interrupted run continues where it stopped; the settings must match the
@@ -58,6 +59,7 @@ from torch import nn
 from operators import build_operator
 from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image
 from restore.app.tiling import tile_rule, tiled_restore
+from restore.engine.acceleration import OFF, Acceleration
 from restore.engine.nfe import NFECount
 from restore.engine.wrappers import check_operator, serves
 from restore.methods import get_method
@@ -131,13 +133,16 @@ def run_folder(
     overlap: int | None = None,
     progress: bool = False,
     on_error: Callable[[str, str], None] | None = None,
+    acceleration: Acceleration = OFF,
 ) -> RunSummary:
     """Restore every image of ``input_dir`` into ``output_dir`` (see the module docstring).
 
     ``model``: checkpoint path, bundled name or a loaded wrapper (None for methods with ``model="none"``).
     ``tile``: output tile side (default: the network's native resolution); ``overlap``: minimum tile
     overlap in measurement pixels (default: a quarter tile). ``on_error(image_id, reason)`` hears about
-    every skipped file (default: a logging warning). User errors raise :class:`RunError`.
+    every skipped file (default: a logging warning). ``acceleration``: bf16 / channels_last / compile of the
+    network (`restore.engine.acceleration`; a loaded ``model`` is changed in place). User errors raise
+    :class:`RunError`.
     """
     if batch_size < 1:
         raise RunError(f"batch size must be >= 1, got {batch_size}")
@@ -162,7 +167,7 @@ def run_folder(
         check_output_dir(input_dir, out, recursive)
     except OutputError as e:
         raise RunError(str(e)) from None
-    net, model_label = _load(model, meth, device)
+    net, model_label = _load(model, meth, device, acceleration)
     try:
         check_operator(net, op)  # conditional models (Palette, I2SB) restore only their own degradation
     except ValueError as e:
@@ -209,7 +214,8 @@ def run_folder(
     sizes = _plan_sizes(folder, todo, op, degrade, scale, tile, rule is not None)
 
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps({"settings": settings, "environment": environment(device)}, indent=2), out / RUN_FILE)
+    record = {"settings": settings, "acceleration": acceleration.to_dict(), "environment": environment(device)}
+    write_text_atomic(json.dumps(record, indent=2), out / RUN_FILE)
     summary = RunSummary(out, out / MANIFEST, skipped=sorted(done))
 
     job = _Job(meth, net, nfe, hparams, seed, device, tile, overlap, rule, batch_size)
@@ -270,8 +276,8 @@ def _check_hparams(meth, hparams: Mapping[str, Any]) -> None:
                        f"valid: {', '.join(valid) or '(none)'}")
 
 
-def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
-    """The network the method needs (moved to ``device``) and how run.json names it."""
+def _load(model, meth, device, acceleration: Acceleration) -> tuple[nn.Module | None, str | None]:
+    """The network the method needs (moved to ``device``, with ``acceleration`` applied) and how run.json names it."""
     if meth.model == "none":
         if model is not None:
             raise RunError(f"method {meth.name!r} uses no network; drop --model")
@@ -293,7 +299,7 @@ def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
     kind = getattr(net, "kind", None)
     if not serves(net, meth.model):  # a BCM is also a CM, a VP-epsilon denoiser an EDM denoiser
         raise RunError(f"method {meth.name!r} needs a {meth.model} model, but {label} is a {kind} model")
-    return net.to(device).eval(), label
+    return acceleration.apply(net.to(device).eval()), label
 
 
 def _resume(out: Path, settings: dict, overwrite: bool) -> dict[str, dict]:

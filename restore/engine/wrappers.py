@@ -176,6 +176,8 @@ class _PreconditionedModel(nn.Module):
         x = x.to(dtype)
         out = [x]
         for v in levels:
+            if isinstance(v, (int, float)):  # filled on the device: copying a host scalar syncs CUDA every call
+                v = torch.full((x.shape[0],), v, dtype=dtype, device=x.device)
             v = torch.as_tensor(v, dtype=dtype, device=x.device)
             if v.ndim == 0:
                 v = v.expand(x.shape[0])
