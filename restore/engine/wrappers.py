@@ -119,6 +119,43 @@ def check_operator(model, op) -> None:
                          "(train one per operator)")
 
 
+def num_classes(model) -> int:
+    """Number of classes a model's network is conditioned on (``model.net.config.num_classes``); 0 for an
+    unconditional network, a network without a config (the oracles) or no model at all."""
+    config = getattr(getattr(model, "net", None), "config", None)
+    return int(getattr(config, "num_classes", 0) or 0)
+
+
+def class_conditioning(model, class_labels, batch: int, device=None) -> dict:
+    """The keyword arguments that carry class labels to ``model``'s network, for every model call of a method
+    (``model(x, sigma, **cond)``, ``model.jump(x, t, u, **cond)``, ``extra_args=cond``): ``{"class_labels": (B,)
+    int64}`` for a class-conditional network, ``{}`` for an unconditional one.
+
+    ``class_labels``: None, one int for the whole batch, or a sequence / tensor of ``batch`` ints in
+    [0, num_classes). A conditional model without labels, or labels for an unconditional model, raise
+    ValueError: neither is ever run silently as the other.
+    """
+    classes = num_classes(model)
+    if class_labels is None:
+        if classes:
+            raise ValueError(f"this {getattr(model, 'kind', '')} model is class-conditional ({classes} classes) but "
+                             "no class labels were given: pass class_labels (restore run --class-labels FILE|INT; "
+                             "the benchmark runner takes them from a dataset with labels)")
+        return {}
+    if not classes:
+        raise ValueError(f"class labels were given but this {getattr(model, 'kind', '')} model is unconditional "
+                         "(num_classes = 0): drop the labels or use a class-conditional model")
+    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    if labels.ndim == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"class_labels must be one int or {batch} ints (one per image), "
+                         f"got shape {tuple(labels.shape)}")
+    if bool(((labels < 0) | (labels >= classes)).any()):
+        raise ValueError(f"class labels must lie in [0, {classes}) for this model, got {labels.tolist()}")
+    return {"class_labels": labels}
+
+
 class _PreconditionedModel(nn.Module):
     """Shared machinery: constants, noise-level broadcasting, counted and autocast network calls."""
 

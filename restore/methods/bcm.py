@@ -67,6 +67,7 @@ import torch
 
 from operators.utils import Generator, randn
 from restore.engine.sampling import Callback
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Float, register_method
 
 # Default (sigma_start, sigma_end) per task, untuned (module docstring), and the paper's small noise t = 0.07.
@@ -178,7 +179,7 @@ _LEVELS_SPACE = {"sigma_start": Float(0.05, 10.0, log=True), "sigma_end": Float(
 def restore_bcm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                      sigma_start: float = JPEG_LEVELS[0], sigma_end: float = JPEG_LEVELS[1],
                      noise: float = SMALL_NOISE, sigmas: Sequence[float] | None = None,
-                     extra_args: dict | None = None) -> torch.Tensor:
+                     class_labels=None) -> torch.Tensor:
     """Blind JPEG restoration with a BCM (Li & He, arXiv 2403.18035, Figure 8): start from the decoded JPEG y,
     no consistency step; ``op`` is never evaluated.
 
@@ -188,14 +189,15 @@ def restore_bcm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generat
     at quality 20); odd budgets open with our re-noise round.
     """
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
-    return invert_regenerate(model, y, rounds, None, generator=generator, callback=callback, extra_args=extra_args)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
+    return invert_regenerate(model, y, rounds, None, generator=generator, callback=callback, extra_args=cond)
 
 
 @register_method("bcm-jpeg-dc", blind=False, model="bcm", operators=("jpeg",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_jpeg_dc(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                         callback: Callback = None, sigma_start: float = JPEG_LEVELS[0],
                         sigma_end: float = JPEG_LEVELS[1], noise: float = SMALL_NOISE,
-                        sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                        sigmas: Sequence[float] | None = None, class_labels=None) -> torch.Tensor:
     """BCM JPEG restoration with data consistency: bcm-jpeg (Li & He, arXiv 2403.18035, Figure 8) plus the
     projection onto y's quantisation cells (``op.project(x, y)``) after every round.
 
@@ -205,8 +207,9 @@ def restore_bcm_jpeg_dc(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
     budgets).
     """
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     return invert_regenerate(model, y, rounds, lambda x: op.project(x, y), generator=generator, callback=callback,
-                             extra_args=extra_args)
+                             extra_args=cond)
 
 
 @register_method("bcm-inpaint", blind=False, model="bcm", operators=("box", "randbox"), default_nfe=4,
@@ -215,7 +218,7 @@ def restore_bcm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
                         callback: Callback = None, sigma_start: float = INPAINT_LEVELS[0],
                         sigma_end: float = INPAINT_LEVELS[1], noise: float = SMALL_NOISE,
                         sigmas: Sequence[float] | None = None, fill: float | None = None,
-                        first_noise: float | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                        first_noise: float | None = None, class_labels=None) -> torch.Tensor:
     """BCM box inpainting (Li & He, arXiv 2403.18035, Figure 9): start from y with the hole filled with Gaussian
     noise N(0, ``fill``^2), paste the known pixels back (``op.project(x, y)``) after every round.
 
@@ -235,14 +238,15 @@ def restore_bcm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
     first_noise = max(fill, noise) if first_noise is None else float(first_noise)
     x0 = torch.where(op.mask_for(y), y, fill * _z(y, generator))
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min, first_noise)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     return invert_regenerate(model, x0, rounds, lambda x: op.project(x, y), generator=generator, callback=callback,
-                             extra_args=extra_args)
+                             extra_args=cond)
 
 
 @register_method("bcm-sr", blind=False, model="bcm", operators=("down",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                    sigma_start: float = SR_LEVELS[0], sigma_end: float = SR_LEVELS[1], noise: float = SMALL_NOISE,
-                   sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                   sigmas: Sequence[float] | None = None, class_labels=None) -> torch.Tensor:
     """BCM super-resolution: start from the pseudo-inverse ``op.pinv(y)``, apply the range-null-space projection
     ``op.project(x, y)`` = x + A^+(y - A x) (DDNM, Wang et al. 2023) after every round.
 
@@ -251,5 +255,6 @@ def restore_bcm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator
     budgets open with our re-noise round.
     """
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     return invert_regenerate(model, op.pinv(y), rounds, lambda x: op.project(x, y), generator=generator,
-                             callback=callback, extra_args=extra_args)
+                             callback=callback, extra_args=cond)
