@@ -1,4 +1,4 @@
-"""Generation and inversion quality of an unconditional model: FID/KID vs NFE, inversion MSE vs NFE, grids.
+"""Generation and inversion quality of a model: FID/KID vs NFE, inversion MSE vs NFE, grids.
 
 The protocols of the BCM paper (Li & He 2024; docs/design.md#generation-and-inversion-quality), at any sample count:
 
@@ -6,12 +6,15 @@ The protocols of the BCM paper (Li & He 2024; docs/design.md#generation-and-inve
   ``(seed, k)`` (`operators.utils.image_seed`), so samples do not depend on the batch size. BCMs use the
   paper's chains (one-step, ancestral, zigzag, mixed for NFE 1-4, `restore.engine.sampling.sample_bcm`);
   consistency models CM multistep sampling on Karras levels; EDM denoisers the Heun sampler
-  (NFE = 2 steps - 1). FID/KID against a reference set go through `benchmarks.fid`.
+  (NFE = 2 steps - 1). FID/KID against a reference set go through `benchmarks.fid`. A class-conditional model
+  (``num_classes > 0``) generates sample ``k`` for class c_k drawn uniformly from the generator seeded by
+  ``(seed, "k/class")`` (:func:`sample_class_labels`), as the EDM / consistency-model papers sample uniform random
+  classes; the labels depend on neither NFE nor batch size and are recorded (``class_labels.csv``).
 * Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.engine.bcm_inversion`); the error is
   `restore.engine.bcm_inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
   (0.07, 15, 80) for 1 and 2 NFE (the paper's), Karras-spaced levels between 0.07 and 80 beyond that (our
   choice; the paper gives no levels). EDM models integrate the ODE up and down with Heun steps on the
-  same Karras levels.
+  same Karras levels. A class-conditional model inverts and regenerates each image under its own (dataset) label.
 
 The reported NFE is counted (`restore.engine.nfe`), per image.
 """
@@ -29,7 +32,7 @@ from operators.utils import make_generators, randn, to_uint8
 from restore.engine.bcm_inversion import bcm_reconstruct, inversion_mse
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
-from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser
+from restore.engine.wrappers import BCM, ConsistencyModel, EDMDenoiser, class_conditioning, num_classes
 
 INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
@@ -50,52 +53,71 @@ def _heun_steps(nfe: int) -> int:
     return (nfe + 1) // 2
 
 
-def _sample(model, x_T: torch.Tensor, nfe: int, generators) -> torch.Tensor:
+def _sample(model, x_T: torch.Tensor, nfe: int, generators, cond: dict) -> torch.Tensor:
     if isinstance(model, BCM):
-        return sample_bcm(model, x_T, nfe, generator=generators)
+        return sample_bcm(model, x_T, nfe, generator=generators, extra_args=cond)
     if isinstance(model, ConsistencyModel):
         # nfe levels above sigma_min (the trailing sigma_min only ends the plan: cm_multistep_plan drops it)
         levels = karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max, append_zero=False).tolist()
-        return sample_cm_multistep(model, x_T, levels, generator=generators)
+        return sample_cm_multistep(model, x_T, levels, generator=generators, extra_args=cond)
     if isinstance(model, EDMDenoiser):
         sigmas = karras_sigmas(_heun_steps(nfe), model.sigma_min, model.sigma_max)
-        return sample_heun(model, x_T, sigmas)
+        return sample_heun(model, x_T, sigmas, extra_args=cond)
     raise TypeError(f"no sampler for {type(model).__name__}")
+
+
+def sample_class_labels(model, n: int, seed: int = 0) -> torch.Tensor | None:
+    """The classes of samples 0..n-1 of a class-conditional ``model``: sample k's is uniform over the
+    ``num_classes`` classes, drawn from the generator of ``(seed, "k/class")`` (a stream apart from the sample's
+    noise z_k), so it depends on neither NFE nor batch size. None for an unconditional model."""
+    classes = num_classes(model)
+    if not classes:
+        return None
+    gens = make_generators(seed, [f"{k}/class" for k in range(n)])
+    return torch.cat([torch.randint(classes, (1,), generator=g) for g in gens])
 
 
 def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
              image_shape: tuple[int, int, int] | None = None,
              device: str | torch.device = "cpu") -> tuple[torch.Tensor, float]:
-    """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image."""
+    """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image; a class-conditional model draws
+    the classes of :func:`sample_class_labels`."""
     shape = image_shape or (model.net.config.out_channels, model.net.config.img_resolution,
                             model.net.config.img_resolution)
+    labels = sample_class_labels(model, n, seed)
     out, forward = [], 0
     with torch.inference_mode(), model.counter.counting() as tally:
         for start in range(0, n, batch_size):
             ids = range(start, min(n, start + batch_size))
             gens = make_generators(seed, ids, device)
             x_T = model.sigma_max * randn((len(ids), *shape), gens, device=device)
-            out.append(to_uint8(_sample(model, x_T, nfe, gens)).cpu())
+            cond = class_conditioning(model, None if labels is None else labels[ids.start:ids.stop], len(ids),
+                                      device)
+            out.append(to_uint8(_sample(model, x_T, nfe, gens, cond)).cpu())
             forward = tally.forward
     return torch.cat(out), forward / math.ceil(n / batch_size)
 
 
-def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None) -> torch.Tensor:
-    """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them.
+def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None,
+                class_labels=None) -> torch.Tensor:
+    """Invert ``images`` ([-1, 1]) to sigma_max in ``nfe`` network steps and regenerate them (``class_labels``:
+    the images' classes, for a class-conditional model).
 
     BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` must be even; ``nfe / 2`` Heun
     steps up and the same levels back down.
     """
     ids = range(len(images)) if ids is None else ids
     gens = make_generators(seed, ids, images.device)
+    cond = class_conditioning(model, class_labels, len(images), images.device)
     if isinstance(model, BCM):
-        return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens)
+        return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens,
+                               extra_args=cond)
     if isinstance(model, EDMDenoiser):
         if nfe < 2 or nfe % 2:
             raise ValueError(f"EDM ODE inversion costs 2 NFE per Heun step (even), got {nfe}")
         levels = karras_sigmas(nfe // 2 + 1, model.sigma_min, model.sigma_max, append_zero=False)
-        latent = edm_ode_invert(model, images, levels.flip(0))
-        return sample_heun(model, latent, levels)
+        latent = edm_ode_invert(model, images, levels.flip(0), extra_args=cond)
+        return sample_heun(model, latent, levels, extra_args=cond)
     raise TypeError(f"{type(model).__name__} cannot invert images")
 
 
@@ -124,9 +146,10 @@ def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Seque
 
 
 def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed: int = 0,
-                       batch_size: int = 250) -> tuple[list[dict], dict[int, torch.Tensor]]:
+                       batch_size: int = 250,
+                       class_labels: torch.Tensor | None = None) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Per-image inversion MSE for each inversion NFE (rows with ``image_id`` = index); also the
-    reconstructions per NFE, in [-1, 1]."""
+    reconstructions per NFE, in [-1, 1]. ``class_labels``: the images' classes (class-conditional models)."""
     rows, recs = [], {}
     for nfe in nfes:
         parts = []
@@ -134,7 +157,9 @@ def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed
         with torch.inference_mode(), model.counter.counting() as tally:
             for lo in range(0, len(images), batch_size):
                 batch = images[lo:lo + batch_size]
-                parts.append(reconstruct(model, batch, nfe, seed=seed, ids=range(lo, lo + len(batch))))
+                labels = None if class_labels is None else class_labels[lo:lo + len(batch)]
+                parts.append(reconstruct(model, batch, nfe, seed=seed, ids=range(lo, lo + len(batch)),
+                                         class_labels=labels))
         seconds = (time.perf_counter() - start) / len(images)
         total = tally.forward / math.ceil(len(images) / batch_size)
         recs[nfe] = torch.cat(parts)
