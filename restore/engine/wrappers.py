@@ -6,6 +6,8 @@ Every wrapper is an ``nn.Module`` holding ``.net``, the constants ``sigma_min``,
 The network is any callable ``net(x, noise_t, noise_u=None, class_labels=None, cond=None)`` whose
 noise labels are already transformed: the wrappers pass ``250 * ln(sigma)`` (the ADM / openai-CM
 label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); ``noise_u`` is passed only by `BCM`.
+Conditioning (``class_labels``, ``cond``) is passed through ``**cond`` of every call; `class_conditioning` is the
+one rule for class labels (docs/design.md#class-labels).
 
 Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
 Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
