@@ -24,7 +24,8 @@ registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
 Class labels (``class_labels``, ``restore run --class-labels FILE|INT``): a class-conditional model
 (``num_classes > 0``) needs one label per image, from a ``file,label`` CSV (``restore.app.io.read_labels``;
 ``file`` is the image id) or one integer for every image; they reach every network call of the method
-(tiles inherit their image's label). A conditional model without labels, labels for an unconditional model
+(tiles inherit their image's label); ``run.json`` records the integer, or the file with its sha256. A
+conditional model without labels, labels for an unconditional model
 or a method without a network, and an image missing from the CSV are :class:`RunError` before any work.
 
 Resuming: a second call restores only images without an ``ok`` manifest row and an existing
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import inspect
 import json
 import logging
@@ -217,7 +219,7 @@ def run_folder(
     done = {i for i in folder.ids if i in rows and rows[i]["status"] == "ok" and (out / rows[i]["output"]).is_file()}
     todo = [k for k, i in enumerate(folder.ids) if i not in done]
     if isinstance(labels, dict):
-        _check_label_file(labels, [folder.ids[k] for k in todo], net, labels_setting)
+        _check_label_file(labels, [folder.ids[k] for k in todo], net, labels_setting["file"])
     sizes = _plan_sizes(folder, todo, op, degrade, scale, tile, rule is not None)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +310,7 @@ def _load(model, meth, device) -> tuple[nn.Module | None, str | None]:
     return net.to(device).eval(), label
 
 
-def _class_labels(spec, net, meth) -> tuple[dict[str, int] | int | None, str | int | None]:
+def _class_labels(spec, net, meth) -> tuple[dict[str, int] | int | None, dict | int | None]:
     """The run's labels (image id -> label, one int, or None) and how run.json records them; RunError when they
     do not fit the model (conditional without labels, labels for an unconditional model or no network)."""
     if spec is None:
@@ -323,7 +325,8 @@ def _class_labels(spec, net, meth) -> tuple[dict[str, int] | int | None, str | i
             labels = read_labels(path)
         except (ValueError, OSError) as e:
             raise RunError(str(e)) from None
-        setting = str(path.resolve())
+        # the file's content, not only its path, decides whether a resumed run is the same run
+        setting = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if labels is not None and net is None:
         raise RunError(f"method {meth.name!r} uses no network, so class labels do nothing; drop --class-labels")
     try:
