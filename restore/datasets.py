@@ -24,8 +24,9 @@ Sources (:func:`build_dataset`):
   global, so a crafted file cannot run code;
 * an ``.npz`` file: ``x`` (+ ``y``) uint8 images NHWC or NCHW (ids ``<file stem>-{index}``),
   JPEG bytes with ``jpeg``/``offsets`` as above, or downsampled ImageNet (Imagenet32/64 format:
-  ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based; ids
-  ``imagenet{H}-<file stem>-{index}``, ``labels`` stored 0-based).
+  ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based in the ILSVRC devkit order; ids
+  ``imagenet{H}-<file stem>-{index}``; labels become ImageNet-1k indices when the devkit's ``map_clsloc.txt``
+  lies next to the file, else devkit numbers - 1, with a warning: :func:`load_downsampled_imagenet`).
 
 Labels are 0-based class indices (``Dataset.labels``, ``Dataset.batch_labels``), the ``class_labels`` that
 class-conditional models take (docs/design.md#class-labels).
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import os
 import pickle
@@ -75,8 +77,13 @@ __all__ = [
     "load_cifar10_python",
     "load_downsampled_imagenet",
     "load_npz",
+    "read_class_map",
     "restricted_unpickle",
 ]
+
+logger = logging.getLogger(__name__)
+
+CLASS_MAP_FILE = "map_clsloc.txt"  # ILSVRC devkit class numbers of downsampled ImageNet (load_downsampled_imagenet)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -521,8 +528,27 @@ def load_cifar10_python(path: str | os.PathLike, split: str | None = None) -> Ar
     )
 
 
+def read_class_map(path: str | os.PathLike) -> dict[int, str]:
+    """``{class number: wnid}`` from an ILSVRC devkit ``map_clsloc.txt`` (lines ``n02119789 1 kit_fox``)."""
+    out = {}
+    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError(f"{path}:{k}: expected 'WNID NUMBER NAME', got {line!r}")
+        out[int(parts[1])] = parts[0]
+    return out
+
+
 def load_downsampled_imagenet(path: str | os.PathLike) -> ArrayDataset:
-    """Imagenet32/64-style npz: ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based."""
+    """Imagenet32/64-style npz: ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based.
+
+    Those labels number the classes in the ILSVRC devkit order of ``map_clsloc.txt`` (1 = n02119789 kit fox), not
+    in the sorted-wnid order of the ImageNet-1k checkpoints. With ``map_clsloc.txt`` next to the file they become
+    ImageNet-1k indices (:func:`imagenet_class_index`; ``classes`` = :func:`imagenet_wnids`); without it they are
+    the devkit numbers minus one (``classes`` None) and a warning says so, since a class-conditional ImageNet
+    model would be conditioned on the wrong classes."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
         data, labels = f["data"], np.asarray(f["labels"]).astype(np.int64)
@@ -531,7 +557,19 @@ def load_downsampled_imagenet(path: str | os.PathLike) -> ArrayDataset:
         raise ValueError(f"{path}: expected 'data' uint8 of shape (N, 3*H*H), got {data.dtype} {data.shape}")
     if len(labels) and labels.min() < 1:
         raise ValueError(f"{path}: labels are expected 1-based (Imagenet32/64 format)")
-    return ArrayDataset(data.reshape(-1, 3, side, side), f"imagenet{side}-{path.stem}", "NCHW", labels - 1,
+    class_map, classes = path.parent / CLASS_MAP_FILE, None
+    if class_map.is_file():
+        wnids = read_class_map(class_map)
+        missing = sorted(set(labels.tolist()) - set(wnids))
+        if missing:
+            raise ValueError(f"{class_map} has no class {missing[0]} (of {len(missing)} missing)")
+        labels, classes = imagenet_class_index([wnids[k] for k in labels.tolist()]), imagenet_wnids()
+    else:
+        labels = labels - 1
+        logger.warning("%s: labels are ILSVRC devkit class numbers - 1, not ImageNet-1k (sorted wnid) indices; put "
+                       "the devkit's %s next to it to condition ImageNet models on the right classes",
+                       path, CLASS_MAP_FILE)
+    return ArrayDataset(data.reshape(-1, 3, side, side), f"imagenet{side}-{path.stem}", "NCHW", labels, classes,
                         source=str(path))
 
 

@@ -172,11 +172,20 @@ def test_tinyimagenet_labels_are_imagenet1k_indices():
     assert set(labels[y == goldfish].tolist()) == {1}
 
 
-def test_downsampled_imagenet_labels_are_zero_based(tmp_path):
+def test_downsampled_imagenet_labels(tmp_path, caplog):
     data = np.random.default_rng(0).integers(0, 256, (3, 3 * 8 * 8), dtype=np.uint8)
     np.savez(tmp_path / "val_data.npz", data=data, labels=np.array([1, 1000, 5]))
-    ds = build_dataset(tmp_path / "val_data.npz")
+    ds = build_dataset(tmp_path / "val_data.npz")  # 1-based devkit numbers -> 0-based, with a warning
     assert ds.batch_labels([0, 1, 2]).tolist() == [0, 999, 4] and ds.image_id(0) == "imagenet8-val_data-00000"
+    assert ds.classes is None and "not ImageNet-1k (sorted wnid) indices" in caplog.text
+    # the devkit's map: 1 = kit fox, 5 = goldfish, 1000 = toilet tissue (ImageNet-1k 278, 1, 999)
+    (tmp_path / "map_clsloc.txt").write_text("n02119789 1 kit_fox\nn01443537 5 goldfish\n"
+                                             "n15075141 1000 toilet_tissue\n")
+    ds = build_dataset(tmp_path / "val_data.npz")
+    assert ds.batch_labels([0, 1, 2]).tolist() == [278, 999, 1] and ds.classes[278] == "n02119789"
+    (tmp_path / "map_clsloc.txt").write_text("n02119789 1 kit_fox\n")
+    with pytest.raises(ValueError, match="has no class 5"):
+        build_dataset(tmp_path / "val_data.npz")
 
 
 def image_folder(folder: Path, sizes=(RES, RES, RES), labels: dict | None = None) -> Path:

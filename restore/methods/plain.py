@@ -37,13 +37,13 @@ def restore_identity(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None
 
 @register_method("pinv", blind=False, model="none", operators=PLAIN_OPERATORS, default_nfe=0)
 def restore_pinv(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None,
-                     class_labels=None) -> torch.Tensor:
+                 class_labels=None) -> torch.Tensor:
     """The operator's pseudo-inverse op.pinv(y) (JPEG: the decoded image)."""
     return op.pinv(y)
 
 
 @register_method("bicubic", blind=True, model="none", operators=("down",), default_nfe=0)
 def restore_bicubic(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None,
-                     class_labels=None) -> torch.Tensor:
+                    class_labels=None) -> torch.Tensor:
     """Bicubic upsampling by the operator's factor (PyTorch, no antialiasing)."""
     return F.interpolate(y, scale_factor=op.params["factor"], mode="bicubic", align_corners=False, antialias=False)
