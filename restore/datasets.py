@@ -102,7 +102,8 @@ def imagenet_wnids() -> tuple[str, ...]:
     training set). Stored in the package, ``restore/data/imagenet1k_wnids.txt``."""
     text = (Path(__file__).resolve().parent / "data" / "imagenet1k_wnids.txt").read_text()
     wnids = tuple(text.split())
-    assert len(wnids) == 1000 and list(wnids) == sorted(set(wnids)), "corrupt imagenet1k_wnids.txt"
+    if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)):
+        raise ValueError("restore/data/imagenet1k_wnids.txt is corrupt: expected 1000 sorted, distinct wnids")
     return wnids
 
 

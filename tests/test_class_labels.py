@@ -281,7 +281,7 @@ def suite(folder, model, **changes):
                         **changes}, "labels")
 
 
-def test_runner_passes_dataset_labels_to_conditional_models(tmp_path, cond_bcm, single_thread):
+def test_runner_passes_dataset_labels_to_conditional_models(tmp_path, cond_bcm, npz_cifar_test, single_thread):
     folder = image_folder(tmp_path / "data", labels={"im0.png": 4, "im1.png": 8, "im2.png": 1})
     SEEN.clear()
     summary = run_suite(suite(folder, cond_bcm), tmp_path / "out", progress=False)
@@ -303,6 +303,9 @@ def test_runner_passes_dataset_labels_to_conditional_models(tmp_path, cond_bcm, 
     (folder / "labels.csv").unlink()
     with pytest.raises(ValueError, match="is class-conditional but dataset 'data' has no class labels"):
         run_suite(suite(folder, cond_bcm), tmp_path / "bad3", progress=False)
+    imagenet = save_model(tiny_model("bcm", SPECS[0], num_classes=1000), tmp_path / "in.safetensors")
+    with pytest.raises(ValueError, match="has 1000 classes but the labels of dataset 'cifar10-test' number 10"):
+        run_suite(suite(npz_cifar_test, imagenet), tmp_path / "bad4", progress=False)
 
 
 # --------------------------------------------------------------------------- generation

@@ -148,6 +148,22 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
             if spec in specs for nfe in entry.nfe]
 
 
+def _check_dataset_labels(suite: Suite, dataset, cells: list[Cell]) -> None:
+    """The dataset has the labels its class-conditional models need, numbering as many classes as each model has
+    (when the dataset names its classes: CIFAR-10 labels cannot condition an ImageNet model)."""
+    from restore.engine.checkpoints import resolve_model_path
+
+    if dataset.labels is None and (suite.class_labels or any(c.class_labels for c in cells)):
+        needs = next((c.model for c in cells if c.class_labels), None)
+        raise ValueError(f"suite {suite.name!r}: {f'{needs} is class-conditional but ' if needs else ''}dataset "
+                         f"{dataset.name!r} has no class labels (a folder needs labels.csv with columns file,label)")
+    for ref in dict.fromkeys(c.model for c in cells if c.class_labels):
+        classes = _model_classes(resolve_model_path(ref))
+        if dataset.classes is not None and len(dataset.classes) != classes:
+            raise ValueError(f"suite {suite.name!r}: {ref} has {classes} classes but the labels of dataset "
+                             f"{dataset.name!r} number {len(dataset.classes)}")
+
+
 def set_key(suite: Suite, ids: list[str]) -> str:
     """Identity of a cell's image set and FID reference: set metrics are recomputed when either changes."""
     return config_hash({"ids": ids, "reference": suite.fid.__dict__, "dataset": suite.dataset})
@@ -182,10 +198,7 @@ def make_plan(suite: Suite, limit: int | None = None, rank: int = 0, world_size:
     ``suite.start`` on."""
     dataset = load_dataset(suite)
     cells = resolve_cells(suite, dataset.name)
-    if dataset.labels is None and (suite.class_labels or any(c.class_labels for c in cells)):
-        needs = next((c.model for c in cells if c.class_labels), None)
-        raise ValueError(f"suite {suite.name!r}: {f'{needs} is class-conditional but ' if needs else ''}dataset "
-                         f"{dataset.name!r} has no class labels (a folder needs labels.csv with columns file,label)")
+    _check_dataset_labels(suite, dataset, cells)
     if suite.start >= len(dataset):
         raise ValueError(f"suite {suite.name!r}: start {suite.start} is past the {len(dataset)} images of the data")
     left = len(dataset) - suite.start
