@@ -72,14 +72,15 @@ def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma_next: float, noise_std: f
     return x
 
 
-def denoise_with_vjp(model, x: torch.Tensor, sigma: float,
-                     loss: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0_hat, grad)``: x0_hat = D(x; sigma) and grad = d loss(x0_hat) / dx through the denoiser
+def denoise_with_vjp(model, x: torch.Tensor, sigma: float, loss: Callable[[torch.Tensor], torch.Tensor],
+                     cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, grad)``: x0_hat = D(x; sigma, **cond) and grad = d loss(x0_hat) / dx through the denoiser
     (one forward and one backward pass; both detached). ``loss`` returns a scalar that sums per-image terms,
-    so each image gets the gradient of its own term. Needs autograd: not under ``torch.inference_mode``."""
+    so each image gets the gradient of its own term; ``cond``: the network's conditioning (class labels,
+    `restore.engine.wrappers.class_conditioning`). Needs autograd: not under ``torch.inference_mode``."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        x0 = model(x, sigma)
+        x0 = model(x, sigma, **(cond or {}))
         (grad,) = torch.autograd.grad(loss(x0), x)
     return x0.detach(), grad
 

@@ -24,13 +24,14 @@ import torch
 
 from baselines.common import initial_state, mix_noise, renoise, sampling_levels, step_callback
 from operators.utils import Generator
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Float, register_method
 
 
 @register_method("ddnm", blind=False, model="edm", operators=("box", "randbox", "randmask", "down", "blur"),
                  default_nfe=100, space={"eta": Float(0.0, 1.0)})
 def restore_ddnm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                 eta: float = 0.85, sigma_start: float | None = None) -> torch.Tensor:
+                 class_labels=None, eta: float = 0.85, sigma_start: float | None = None) -> torch.Tensor:
     """DDNM (Wang et al. 2023): DDIM steps from the range-null-space corrected estimate A^+ y + (I - A^+ A) x0_hat.
 
     ``eta``: the code's eta (fraction of fresh noise, 0.85); ``sigma_start``: first noise level (default
@@ -38,10 +39,11 @@ def restore_ddnm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator =
     """
     if not op.linear:
         raise ValueError(f"DDNM needs a linear operator with a pseudo-inverse, got {op.spec}")
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     sigmas = sampling_levels(model, nfe, sigma_start)
     x = initial_state(op, y, sigmas[0], generator)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma)
+        x0 = model(x, sigma, **cond)
         step_callback(callback, x, i, sigma, sigma_next, x0)
         x = renoise(op.project(x0, y), (x - x0) / sigma, sigma_next, mix_noise(sigma_next, eta), generator)
     return x

@@ -46,6 +46,7 @@ import torch
 from baselines.common import initial_state, sampling_levels, step_callback
 from operators.utils import Generator, randn
 from restore.engine.sampling import ddim_step
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Float, register_method
 
 # VE level of DDRM-JPEG's start t0 = 285 on the linear-beta (1e-4 .. 0.02, 1000 steps) VP schedule.
@@ -70,13 +71,15 @@ def spectral_gain(op, y: torch.Tensor, rtol: float = 1e-4) -> float:
 @register_method("ddrm", blind=False, model="edm", operators=("box", "randbox", "randmask", "down"), default_nfe=20,
                  space={"eta": Float(0.0, 1.0), "eta_b": Float(0.0, 1.0)})
 def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                 eta: float = 0.85, eta_b: float = 1.0, sigma_start: float | None = None) -> torch.Tensor:
+                 class_labels=None, eta: float = 0.85, eta_b: float = 1.0,
+                 sigma_start: float | None = None) -> torch.Tensor:
     """DDRM (Kawar et al. 2022): spectral DDIM with the measurement replacing the range components.
 
     For operators with equal singular values (box, randbox, randmask, down:kernel=avg); ``eta``, ``eta_b`` as in the
     paper (0.85, 1); measurement noise ``op.noise`` is handled as DDRM does. NFE = ``nfe``.
     """
     sigma_y = op.noise / spectral_gain(op, y)  # per-component noise sigma_y / s
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
 
     def project(v: torch.Tensor) -> torch.Tensor:  # P = H^+ H, the orthogonal projector onto the row space
         return op.pinv(op(v))
@@ -86,7 +89,7 @@ def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator =
     z = randn(y_bar.shape, generator, device=y_bar.device, dtype=y_bar.dtype)
     x = sigmas[0] * z + project(y_bar + (math.sqrt(max(0.0, sigmas[0] ** 2 - sigma_y**2)) - sigmas[0]) * z)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma)
+        x0 = model(x, sigma, **cond)
         step_callback(callback, x, i, sigma, sigma_next, x0)
         z = randn(x.shape, generator, device=x.device, dtype=x.dtype)
         null = ddim_step(x0, math.sqrt(1 - eta**2) * (x - x0) / sigma + eta * z, 0.0, sigma_next)
@@ -101,17 +104,18 @@ def restore_ddrm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator =
 @register_method("ddrm-jpeg", blind=False, model="edm", operators=("jpeg",), default_nfe=20,
                  space={"eta_b": Float(0.0, 1.0), "eta_a": Float(0.0, 1.0)})
 def restore_ddrm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                      eta_b: float = 0.4, eta_a: float = 1.0,
+                      class_labels=None, eta_b: float = 0.4, eta_a: float = 1.0,
                       sigma_start: float = DDRM_JPEG_SIGMA_START) -> torch.Tensor:
     """DDRM-JPEG (Kawar et al. 2022b): range replacement x0 - J(x0) + y mixed into a DDIM step, SDEdit start.
 
     ``eta_b``, ``eta_a``: eta_B, eta_A of the paper (0.4, 1); ``sigma_start``: start level (t0 = 285). NFE = ``nfe``
     (each step also runs the real codec once).
     """
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     sigmas = sampling_levels(model, nfe, sigma_start)
     x = initial_state(op, y, sigmas[0], generator)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma)
+        x0 = model(x, sigma, **cond)
         step_callback(callback, x, i, sigma, sigma_next, x0)
         x_tilde = x0 - op(x0) + y  # range replacement
         eps = (1 - eta_a) * (x - x0) / sigma + eta_a * randn(x.shape, generator, device=x.device, dtype=x.dtype)

@@ -33,6 +33,7 @@ import torch
 
 from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels, step_callback
 from operators.utils import Generator
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Float, register_method
 
 # zeta' per operator: DPS configs (inpainting, box or random, 0.5; super-resolution and Gaussian deblurring 0.3);
@@ -51,16 +52,18 @@ def residual_norms(y: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
     return (y - ax).flatten(1).norm(dim=1)
 
 
-def dps_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, forward) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0_hat, grad)`` with x0_hat = D(x; sigma) and grad = grad_x ||y - forward(x0_hat)|| per image."""
-    return denoise_with_vjp(model, x, sigma, lambda x0: residual_norms(y, forward(x0)).sum())
+def dps_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, forward,
+                 cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, grad)`` with x0_hat = D(x; sigma, **cond) and grad = grad_x ||y - forward(x0_hat)|| per image."""
+    return denoise_with_vjp(model, x, sigma, lambda x0: residual_norms(y, forward(x0)).sum(), cond)
 
 
 def dps_step(model, x: torch.Tensor, sigma: float, sigma_next: float, y: torch.Tensor, forward, zeta: float,
-             generator: Generator = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: Generator = None, cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DPS step from level sigma to sigma_next: ``(x_next, x0_hat)``. The DDPM ancestral step (DDIM, eta = 1)
-    minus the guidance, rescaled from VP to VE: zeta sqrt((1 + sigma^2)(1 + sigma_next^2)) grad_{x_VE}."""
-    x0, grad = dps_guidance(model, x, sigma, y, forward)
+    minus the guidance, rescaled from VP to VE: zeta sqrt((1 + sigma^2)(1 + sigma_next^2)) grad_{x_VE}.
+    ``cond``: the network's conditioning (class labels)."""
+    x0, grad = dps_guidance(model, x, sigma, y, forward, cond)
     x_prior = renoise(x0, (x - x0) / sigma, sigma_next, ddim_noise(sigma, sigma_next, 1.0), generator)
     return x_prior - zeta * math.sqrt((1 + sigma**2) * (1 + sigma_next**2)) * grad, x0
 
@@ -68,18 +71,19 @@ def dps_step(model, x: torch.Tensor, sigma: float, sigma_next: float, y: torch.T
 @register_method("dps", blind=False, model="edm", operators=tuple(DPS_SCALE), default_nfe=1000, needs_grad=True,
                  space={"scale": Float(0.01, 10.0, log=True)})
 def restore_dps(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                scale: float | None = None, sigma_start: float | None = None) -> torch.Tensor:
+                class_labels=None, scale: float | None = None, sigma_start: float | None = None) -> torch.Tensor:
     """DPS (Chung et al. 2023, Algorithm 1): DDPM steps plus a gradient step on ||y - A(D(x))|| through the denoiser.
 
     ``scale``: zeta' (default `DPS_SCALE` for the operator); ``sigma_start``: first noise level (default
     sigma_max). NFE = ``nfe`` forward and ``nfe`` backward passes. Needs autograd (not in inference_mode).
     """
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     zeta = DPS_SCALE[op.name] if scale is None else float(scale)
     forward = dps_forward(op)
     sigmas = sampling_levels(model, nfe, sigma_start)
     x = initial_state(op, y, sigmas[0], generator)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x_next, x0 = dps_step(model, x, sigma, sigma_next, y, forward, zeta, generator)
+        x_next, x0 = dps_step(model, x, sigma, sigma_next, y, forward, zeta, generator, cond)
         step_callback(callback, x, i, sigma, sigma_next, x0)
         x = x_next
     return x

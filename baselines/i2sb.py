@@ -46,7 +46,14 @@ from baselines.common import step_callback
 from baselines.palette import degraded_image
 from operators import build_operator
 from operators.utils import Generator, randn
-from restore.engine.wrappers import SIGMA_DATA, _PreconditionedModel, append_dims, check_operator, register_wrapper
+from restore.engine.wrappers import (
+    SIGMA_DATA,
+    _PreconditionedModel,
+    append_dims,
+    check_operator,
+    class_conditioning,
+    register_wrapper,
+)
 from restore.methods import Choice, register_method
 
 I2SB_OPERATORS = ("jpeg", "box", "randbox", "down")
@@ -223,15 +230,17 @@ register_wrapper(I2SB.kind, I2SB)
 
 
 def i2sb_sample(model, x1: torch.Tensor, nfe: int, *, mask: torch.Tensor | None = None, ot_ode: bool = False,
-                clip_denoise: bool = False, generator: Generator = None, callback=None) -> torch.Tensor:
+                clip_denoise: bool = False, generator: Generator = None, callback=None,
+                extra_args: dict | None = None) -> torch.Tensor:
     """I2SB's DDPM-bridge sampler (Algorithm 2; ``ddpm_sampling``) from X_{N-1} = ``x1`` to the state at n = 0 in
     ``nfe`` steps (exactly ``nfe`` network evaluations). ``mask`` (True = observed): replace the observed pixels by
     X_1 (+ bridge noise of the new level unless ``ot_ode``) after every step. ``clip_denoise``: clamp x0_hat to
-    [-1, 1]. ``model`` is any ``model(x, n) -> x0_hat`` with a ``.schedule`` (an :class:`I2SB` or an oracle)."""
+    [-1, 1]. ``model`` is any ``model(x, n) -> x0_hat`` with a ``.schedule`` (an :class:`I2SB` or an oracle);
+    ``extra_args``: further keyword arguments of every model call (class labels)."""
     schedule = model.schedule
     steps = schedule.sample_steps(nfe)[::-1]
     x = x1
-    extra = {"cond": x1} if getattr(model, "cond_x1", False) else {}
+    extra = {**(extra_args or {}), **({"cond": x1} if getattr(model, "cond_x1", False) else {})}
     for i, (n, m) in enumerate(zip(steps[:-1], steps[1:])):
         x0 = model(x, n, **extra)
         if clip_denoise:
@@ -248,13 +257,14 @@ def i2sb_sample(model, x1: torch.Tensor, nfe: int, *, mask: torch.Tensor | None 
 @register_method("i2sb", blind=False, model="i2sb", operators=I2SB_OPERATORS, default_nfe=999,
                  space={"clip_denoise": Choice((False, True))})
 def restore_i2sb(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                 clip_denoise: bool = False) -> torch.Tensor:
+                 class_labels=None, clip_denoise: bool = False) -> torch.Tensor:
     """I2SB (Liu et al. 2023): Schrödinger bridge from the degraded image, trained for this operator.
 
     Starts at X_1 = A^+ y (inpainting: hole filled with noise), ``nfe`` DDPM-bridge posterior steps (OT-ODE if the
     model was trained so); ``clip_denoise`` clamps x0_hat. Not blind: uses ``op.pinv`` and ``op.mask_for``.
     """
     check_operator(model, op)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     x1 = degraded_image(op, y, generator)
     return i2sb_sample(model, x1, nfe, mask=op.mask_for(x1) if hasattr(op, "mask_for") else None, ot_ode=model.ot_ode,
-                       clip_denoise=clip_denoise, generator=generator, callback=callback)
+                       clip_denoise=clip_denoise, generator=generator, callback=callback, extra_args=cond)

@@ -39,7 +39,7 @@ import torch
 from baselines.common import ddim_noise, renoise, sampling_levels, step_callback
 from operators import build_operator
 from operators.utils import Generator, randn
-from restore.engine.wrappers import EDMDenoiser, check_operator, register_wrapper
+from restore.engine.wrappers import EDMDenoiser, check_operator, class_conditioning, register_wrapper
 from restore.methods import Float, register_method
 
 PALETTE_OPERATORS = ("jpeg", "box", "randbox", "down")
@@ -83,14 +83,15 @@ register_wrapper(Palette.kind, Palette)
 
 
 def palette_sample(model, cond: torch.Tensor, nfe: int, *, eta: float = 1.0, generator: Generator = None,
-                   callback=None) -> torch.Tensor:
+                   callback=None, extra_args: dict | None = None) -> torch.Tensor:
     """Ancestral (eta = 1) or DDIM / Euler (eta = 0) sampling of D(x; sigma, cond) from x = sigma_max z down to
-    sigma = 0 on ``nfe`` Karras levels: exactly ``nfe`` network evaluations."""
+    sigma = 0 on ``nfe`` Karras levels: exactly ``nfe`` network evaluations. ``extra_args``: further keyword
+    arguments of every model call (class labels)."""
     sigmas = sampling_levels(model, nfe)
     dtype = torch.promote_types(cond.dtype, torch.float32)
     x = sigmas[0] * randn(cond.shape, generator, device=cond.device, dtype=dtype)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma, cond=cond)
+        x0 = model(x, sigma, cond=cond, **(extra_args or {}))
         step_callback(callback, x, i, sigma, sigma_next, x0)
         x = renoise(x0, (x - x0) / sigma, sigma_next, ddim_noise(sigma, sigma_next, eta), generator)
     return x
@@ -99,12 +100,13 @@ def palette_sample(model, cond: torch.Tensor, nfe: int, *, eta: float = 1.0, gen
 @register_method("palette", blind=False, model="palette", operators=PALETTE_OPERATORS, default_nfe=1000,
                  space={"eta": Float(0.0, 1.0)})
 def restore_palette(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                    eta: float = 1.0) -> torch.Tensor:
+                    class_labels=None, eta: float = 1.0) -> torch.Tensor:
     """Palette (Saharia et al. 2022): conditional diffusion trained for this operator, DDPM ancestral sampling.
 
     ``eta``: 1 = ancestral DDPM steps (the paper), 0 = deterministic DDIM / Euler steps. NFE = ``nfe``.
     Not blind: the condition is ``op.pinv(y)`` (and ``op.mask_for`` for inpainting); ``op`` must be the trained one.
     """
     check_operator(model, op)
+    labels = class_conditioning(model, class_labels, y.shape[0], y.device)
     return palette_sample(model, degraded_image(op, y, generator), nfe, eta=eta, generator=generator,
-                          callback=callback)
+                          callback=callback, extra_args=labels)

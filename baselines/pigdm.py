@@ -27,17 +27,19 @@ import torch
 
 from baselines.common import ddim_noise, denoise_with_vjp, initial_state, renoise, sampling_levels, step_callback
 from operators.utils import Generator
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Float, register_method
 
 
-def pigdm_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, op) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0_hat, g)``: x0_hat = D(x; sigma) and g = J^T (H^+ y - H^+ H x0_hat), J = dD/dx (one VJP)."""
+def pigdm_guidance(model, x: torch.Tensor, sigma: float, y: torch.Tensor, op,
+                   cond: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, g)``: x0_hat = D(x; sigma, **cond) and g = J^T (H^+ y - H^+ H x0_hat), J = dD/dx (one VJP)."""
 
     def loss(x0: torch.Tensor) -> torch.Tensor:
         target = op.pinv(y) - op.pinv(op(x0.detach()))  # H is not differentiated (RED-diff: mat.detach())
         return (target * x0).sum()
 
-    return denoise_with_vjp(model, x, sigma, loss)
+    return denoise_with_vjp(model, x, sigma, loss, cond)
 
 
 PIGDM_OPERATORS = ("jpeg", "box", "randbox", "randmask", "down", "blur")
@@ -46,16 +48,18 @@ PIGDM_OPERATORS = ("jpeg", "box", "randbox", "randmask", "down", "blur")
 @register_method("pigdm", blind=False, model="edm", operators=PIGDM_OPERATORS, default_nfe=100, needs_grad=True,
                  space={"weight": Float(0.1, 3.0, log=True), "eta": Float(0.0, 1.0)})
 def restore_pigdm(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback=None,
-                  weight: float = 1.0, eta: float = 0.0, sigma_start: float | None = None) -> torch.Tensor:
+                  class_labels=None, weight: float = 1.0, eta: float = 0.0,
+                  sigma_start: float | None = None) -> torch.Tensor:
     """PiGDM (Song et al. 2023): DDIM steps from x0_hat + w J^T (H^+ y - H^+ H x0_hat); JPEG via H^+ = identity.
 
     ``weight``: w (RED-diff ``grad_term_weight``); ``eta``: DDIM eta; ``sigma_start``: first noise level
     (default sigma_max). NFE = ``nfe`` forward and ``nfe`` backward passes. Needs autograd.
     """
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     sigmas = sampling_levels(model, nfe, sigma_start)
     x = initial_state(op, y, sigmas[0], generator)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0, g = pigdm_guidance(model, x, sigma, y, op)
+        x0, g = pigdm_guidance(model, x, sigma, y, op, cond)
         step_callback(callback, x, i, sigma, sigma_next, x0)
         x = renoise(x0 + weight * g, (x - x0) / sigma, sigma_next, ddim_noise(sigma, sigma_next, eta), generator)
     return x

@@ -323,6 +323,8 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     """Generation and inversion quality of MODEL: FID/KID vs NFE, inversion MSE vs NFE, sample grids.
 
     Writes results.csv (long format), summary.md / summary.json and PNG grids to --out; prints the summary.
+    A class-conditional MODEL samples uniform random classes seeded by --seed (written to class_labels.csv) and
+    inverts the --data images under their own labels.
 
     \b
     Example:
@@ -331,11 +333,12 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     import pandas as pd
     import torch
 
-    from benchmarks.generation import evaluate_generation, evaluate_inversion, image_grid
+    from benchmarks.generation import evaluate_generation, evaluate_inversion, image_grid, sample_class_labels
     from operators.utils import from_uint8
     from restore.app.io import write_png
     from restore.datasets import build_dataset
     from restore.engine.checkpoints import load_model
+    from restore.engine.wrappers import num_classes
     from restore.runtime.files import write_csv_atomic
 
     try:
@@ -344,15 +347,24 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
         inverted_set = build_dataset(data, inversion_split)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
+    inverted = range(min(n, len(inverted_set)))
+    try:  # a class-conditional model inverts each image under its own label
+        inverted_labels = inverted_set.batch_labels(inverted) if inversion_nfes and num_classes(net) else None
+    except ValueError as e:
+        raise click.ClickException(f"{model} is class-conditional: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     reference = reference_set.get_batch(range(min(n, len(reference_set))))[1]
     sampler = {"edm_sampler": edm_sampler, "gamma": gamma}
     rows, samples = evaluate_generation(net, reference, nfes, n=n, seed=seed, batch_size=batch_size, **sampler)
+    labels = sample_class_labels(net, n, seed)
+    if labels is not None:  # the classes the samples were drawn for (the same for every NFE)
+        write_csv_atomic(pd.DataFrame({"sample": range(n), "label": labels.tolist()}), out / "class_labels.csv")
     for nfe, x in samples.items():
         write_png(image_grid(from_uint8(x[:64]), 8)[None], out / f"samples_nfe{nfe}.png")
     if inversion_nfes:
-        images = inverted_set.get_batch(range(min(n, len(inverted_set))))[1]
-        inv_rows, recs = evaluate_inversion(net, images, inversion_nfes, seed=seed, batch_size=batch_size, **sampler)
+        images = inverted_set.get_batch(inverted)[1]
+        inv_rows, recs = evaluate_inversion(net, images, inversion_nfes, seed=seed, batch_size=batch_size, **sampler,
+                                            class_labels=inverted_labels)
         rows += inv_rows
         strip = torch.cat([images[:16], *(recs[k][:16] for k in inversion_nfes)])  # rows: input, then per NFE
         write_png(image_grid(strip, 16)[None], out / "inversion.png")
@@ -366,7 +378,10 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
     (out / "summary.md").write_text(text + "\n")
     # {metric: {nfe: mean}}: the form model cards take (`restore-train export --metrics`)
     means = {m: {f"{k:g}": round(v, 6) for k, v in col.dropna().items()} for m, col in summary.items()}
-    (out / "summary.json").write_text(json.dumps({"n": n, "data": data, **means}, indent=1) + "\n")
+    record = {"n": n, "data": data, "num_classes": num_classes(net), **means}
+    if labels is not None:
+        record["class_labels"] = "class_labels.csv"
+    (out / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
     click.echo(text)
     click.echo(json.dumps({"out": str(out), "rows": len(frame)}), err=True)
 

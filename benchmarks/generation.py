@@ -8,14 +8,18 @@ The protocols of the BCM paper (Li & He 2024; docs/design.md#generation-and-inve
   consistency models CM multistep sampling on Karras levels; EDM denoisers one of `EDM_SAMPLERS` on Karras
   levels: EDM's Heun sampler (default) or BDIA-EDM (2 NFE per step: an odd NFE is 2 steps - 1 ending at 0, EDM's,
   an even NFE ends at sigma_min), DDIM or BDIA-DDIM (1 NFE per step, ending at 0), EDICT (2 per step, ending at 0).
-  FID/KID against a reference set go through `benchmarks.fid`.
+  FID/KID against a reference set go through `benchmarks.fid`. A class-conditional model
+  (``num_classes > 0``) generates sample ``k`` for class c_k drawn uniformly from the generator seeded by
+  ``(seed, "k/class")`` (:func:`sample_class_labels`), as the EDM / consistency-model papers sample uniform random
+  classes; the labels depend on neither NFE nor batch size and are recorded (``class_labels.csv``).
 * Inversion: x~ = x + 0.07 z is inverted to sigma_max and regenerated (`restore.engine.bcm_inversion`); the error is
   `restore.engine.bcm_inversion.inversion_mse` (8-bit images in [0, 1]). BCM inversion levels are (0.07, 80) and
   (0.07, 15, 80) for 1 and 2 NFE (the paper's), Karras-spaced levels between 0.07 and 80 beyond that (our
   choice; the paper gives no levels). EDM models invert with the chosen sampler's inversion on Karras levels
   between sigma_min and sigma_max and regenerate on the same levels: Heun integrates the ODE up (approximate),
   DDIM inverts in the field's convention (approximate), BDIA-EDM, BDIA and EDICT invert exactly and regenerate
-  from the returned pair (`restore.engine.exact_inversion`).
+  from the returned pair (`restore.engine.exact_inversion`). A class-conditional model inverts and regenerates each
+  image under its own (dataset) label.
 
 The reported NFE is counted (`restore.engine.nfe`), per image.
 """
@@ -41,7 +45,7 @@ from restore.engine.exact_inversion import (
 )
 from restore.engine.sampling import edm_ode_invert, sample_bcm, sample_cm_multistep, sample_heun
 from restore.engine.schedules import karras_sigmas
-from restore.engine.wrappers import BCM, ConsistencyModel, serves
+from restore.engine.wrappers import BCM, ConsistencyModel, class_conditioning, num_classes, serves
 
 INVERSION_NOISE = 0.07  # the small-noise trick of docs/methods.md#bcm-inversion
 PAPER_INVERSION_LEVELS = {1: (0.07, 80.0), 2: (0.07, 15.0, 80.0)}
@@ -84,63 +88,80 @@ def _steps(nfe: int, sampler: str) -> int:
     return nfe // per_step
 
 
-def _edm_sample(model, x: torch.Tensor, sigmas, sampler: str, gamma: float) -> torch.Tensor:
+def _edm_sample(model, x: torch.Tensor, sigmas, sampler: str, gamma: float, cond: dict) -> torch.Tensor:
     """Sample with ``sampler`` along descending ``sigmas`` from a state (or, for the exact inversions, a pair)."""
     if sampler == "heun":
-        return sample_heun(model, x, sigmas)
+        return sample_heun(model, x, sigmas, extra_args=cond)
     if sampler == "ddim":
-        return ddim_sample(model, x, sigmas)
+        return ddim_sample(model, x, sigmas, extra_args=cond)
     if sampler == "edict":
-        return edict_sample(model, x, sigmas)
-    return bdia_sample(model, x, sigmas, gamma, heun=sampler == "bdia-edm")
+        return edict_sample(model, x, sigmas, extra_args=cond)
+    return bdia_sample(model, x, sigmas, gamma, heun=sampler == "bdia-edm", extra_args=cond)
 
 
-def _edm_invert(model, x: torch.Tensor, sigmas, sampler: str, gamma: float):
+def _edm_invert(model, x: torch.Tensor, sigmas, sampler: str, gamma: float, cond: dict):
     """The inversion of ``sampler`` along ascending ``sigmas``: a state (Heun ODE, DDIM) or a pair (exact ones)."""
     if sampler == "heun":
-        return edm_ode_invert(model, x, sigmas)
+        return edm_ode_invert(model, x, sigmas, extra_args=cond)
     if sampler == "ddim":
-        return ddim_invert(model, x, sigmas)
+        return ddim_invert(model, x, sigmas, extra_args=cond)
     if sampler == "edict":
-        return edict_invert(model, x, sigmas)
-    return bdia_invert(model, x, sigmas, gamma, heun=sampler == "bdia-edm")
+        return edict_invert(model, x, sigmas, extra_args=cond)
+    return bdia_invert(model, x, sigmas, gamma, heun=sampler == "bdia-edm", extra_args=cond)
 
 
-def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, gamma: float) -> torch.Tensor:
+def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, gamma: float,
+            cond: dict) -> torch.Tensor:
     if isinstance(model, BCM):
-        return sample_bcm(model, x_T, nfe, generator=generators)
+        return sample_bcm(model, x_T, nfe, generator=generators, extra_args=cond)
     if isinstance(model, ConsistencyModel):
         # nfe levels above sigma_min (the trailing sigma_min only ends the plan: cm_multistep_plan drops it)
         levels = karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max, append_zero=False).tolist()
-        return sample_cm_multistep(model, x_T, levels, generator=generators)
+        return sample_cm_multistep(model, x_T, levels, generator=generators, extra_args=cond)
     if serves(model, "edm"):  # EDM denoisers and what stands in for one (VP-epsilon)
         return _edm_sample(model, x_T, edm_levels(nfe, model.sigma_min, model.sigma_max, edm_sampler), edm_sampler,
-                           gamma)
+                           gamma, cond)
     raise TypeError(f"no sampler for {type(model).__name__}")
+
+
+def sample_class_labels(model, n: int, seed: int = 0) -> torch.Tensor | None:
+    """The classes of samples 0..n-1 of a class-conditional ``model``: sample k's is uniform over the
+    ``num_classes`` classes, drawn from the generator of ``(seed, "k/class")`` (a stream apart from the sample's
+    noise z_k), so it depends on neither NFE nor batch size. None for an unconditional model."""
+    classes = num_classes(model)
+    if not classes:
+        return None
+    gens = make_generators(seed, [f"{k}/class" for k in range(n)])
+    return torch.cat([torch.randint(classes, (1,), generator=g) for g in gens])
 
 
 def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
              image_shape: tuple[int, int, int] | None = None, device: str | torch.device = "cpu",
              edm_sampler: str = "heun", gamma: float = 0.5) -> tuple[torch.Tensor, float]:
     """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image; ``edm_sampler`` / ``gamma`` choose
-    the sampler of an EDM denoiser (BDIA's gamma for "bdia-edm")."""
+    the sampler of an EDM denoiser (BDIA's gamma for "bdia-edm" / "bdia"); a class-conditional model draws the
+    classes of :func:`sample_class_labels`."""
     _check_edm_sampler(edm_sampler)
     shape = image_shape or (model.net.config.out_channels, model.net.config.img_resolution,
                             model.net.config.img_resolution)
+    labels = sample_class_labels(model, n, seed)
     out, forward = [], 0
     with torch.inference_mode(), model.counter.counting() as tally:
         for start in range(0, n, batch_size):
             ids = range(start, min(n, start + batch_size))
             gens = make_generators(seed, ids, device)
             x_T = model.sigma_max * randn((len(ids), *shape), gens, device=device)
-            out.append(to_uint8(_sample(model, x_T, nfe, gens, edm_sampler, gamma)).cpu())
+            cond = class_conditioning(model, None if labels is None else labels[ids.start:ids.stop], len(ids),
+                                      device)
+            out.append(to_uint8(_sample(model, x_T, nfe, gens, edm_sampler, gamma, cond)).cpu())
             forward = tally.forward
     return torch.cat(out), forward / math.ceil(n / batch_size)
 
 
 def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None,
-                edm_sampler: str = "heun", gamma: float = 0.5) -> torch.Tensor:
-    """Invert ``images`` ([-1, 1]) to sigma_max with ``nfe`` network evaluations and regenerate them.
+                edm_sampler: str = "heun", gamma: float = 0.5, class_labels=None) -> torch.Tensor:
+    """Invert ``images`` ([-1, 1]) to sigma_max with ``nfe`` network evaluations and regenerate them
+    (``class_labels``: the images' classes, for a class-conditional model).
 
     BCM: ``nfe`` jumps up and one down (docs/methods.md#bcm-inversion). EDM: ``nfe`` / (the sampler's NFE per step)
     steps up on Karras levels from sigma_min and the same levels back down with ``edm_sampler``; exact inversions
@@ -149,12 +170,14 @@ def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Se
     _check_edm_sampler(edm_sampler)
     ids = range(len(images)) if ids is None else ids
     gens = make_generators(seed, ids, images.device)
+    cond = class_conditioning(model, class_labels, len(images), images.device)
     if isinstance(model, BCM):
-        return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens)
+        return bcm_reconstruct(model, images, inversion_levels(nfe, model.sigma_max), INVERSION_NOISE, generator=gens,
+                               extra_args=cond)
     if serves(model, "edm"):  # EDM denoisers and what stands in for one (VP-epsilon)
         levels = karras_sigmas(_steps(nfe, edm_sampler) + 1, model.sigma_min, model.sigma_max, append_zero=False)
-        return _edm_sample(model, _edm_invert(model, images, levels.flip(0), edm_sampler, gamma), levels, edm_sampler,
-                           gamma)
+        latent = _edm_invert(model, images, levels.flip(0), edm_sampler, gamma, cond)
+        return _edm_sample(model, latent, levels, edm_sampler, gamma, cond)
     raise TypeError(f"{type(model).__name__} cannot invert images")
 
 
@@ -183,9 +206,10 @@ def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Seque
 
 
 def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed: int = 0, batch_size: int = 250,
-                       edm_sampler: str = "heun", gamma: float = 0.5) -> tuple[list[dict], dict[int, torch.Tensor]]:
+                       edm_sampler: str = "heun", gamma: float = 0.5,
+                       class_labels: torch.Tensor | None = None) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Per-image inversion MSE for each inversion NFE (rows with ``image_id`` = index); also the
-    reconstructions per NFE, in [-1, 1]."""
+    reconstructions per NFE, in [-1, 1]. ``class_labels``: the images' classes (class-conditional models)."""
     rows, recs = [], {}
     for nfe in nfes:
         parts = []
@@ -193,8 +217,9 @@ def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed
         with torch.inference_mode(), model.counter.counting() as tally:
             for lo in range(0, len(images), batch_size):
                 batch = images[lo:lo + batch_size]
+                labels = None if class_labels is None else class_labels[lo:lo + len(batch)]
                 parts.append(reconstruct(model, batch, nfe, seed=seed, ids=range(lo, lo + len(batch)),
-                                         edm_sampler=edm_sampler, gamma=gamma))
+                                         edm_sampler=edm_sampler, gamma=gamma, class_labels=labels))
         seconds = (time.perf_counter() - start) / len(images)
         total = tally.forward / math.ceil(len(images) / batch_size)
         recs[nfe] = torch.cat(parts)

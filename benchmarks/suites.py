@@ -12,6 +12,7 @@ NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::
     metrics = ["psnr", "ssim", "cpsnr", "fid", "kid"]
     seeds = [0]
     batch_size = 100
+    # class_labels = true        # see below; omit for the default
 
     [models]                     # aliases; `restore-bench run ... --model bcm=PATH` overrides one
     bcm = "bcm-cifar10"          # bundled name, or a path (as for dataset)
@@ -32,6 +33,11 @@ NFE budgets and hyper-parameters, the metrics, the seeds and the batch size::
 
 A label may appear in several entries when they cover different (operator, NFE) cells (a tuned suite gives every
 tuned cell its own entry).
+
+Class labels: by default the dataset's labels go to the methods of class-conditional models (``num_classes > 0``)
+and unconditional models get none. ``class_labels = true`` requires it: the dataset must have labels and every
+model of the suite must be class-conditional; ``class_labels = false`` never passes labels, so a class-conditional
+model is an error. Both are checked when the suite is resolved, before anything runs.
 
 A cell is operator x method entry x NFE x seed; a method runs only on the suite operators it
 supports (``Method.supports``). Unknown keys are errors that list the valid keys. Operator and metric
@@ -69,6 +75,8 @@ SUITE_KEYS = {
     "batch_size": "images per method call",
     "models": "[models] table: alias -> bundled model name or checkpoint path",
     "fid": "[fid] table: the FID / KID reference set",
+    "class_labels": "true: every model is class-conditional and gets the dataset's labels; false: no labels "
+                    "(default: labels go to the class-conditional models)",
 }
 METHOD_KEYS = {
     "name": "registered method name",
@@ -166,6 +174,7 @@ class Suite:
     description: str = ""
     source: str = ""  # file it came from
     tuning: dict[str, Any] = field(default_factory=dict)  # restore-bench tune's record, when the values are tuned
+    class_labels: bool | None = None  # None: labels for class-conditional models only (module docstring)
 
     def model_ref(self, entry: MethodEntry) -> str | None:
         """The checkpoint reference (bundled name or path) of a method entry: its alias resolved, or None."""
@@ -191,7 +200,7 @@ class Suite:
             "methods": [m.to_dict() for m in self.methods], "metrics": list(self.metrics), "seeds": list(self.seeds),
             "batch_size": self.batch_size, "models": dict(self.models),
             "fid": {"dataset": self.fid.dataset, "split": self.fid.split, "images": self.fid.images},
-            "tuning": self.tuning,
+            "tuning": self.tuning, **({"class_labels": self.class_labels} if self.class_labels is not None else {}),
         }
 
     def with_models(self, overrides: dict[str, str]) -> Suite:
@@ -275,6 +284,7 @@ def parse_suite(data: dict[str, Any], name: str, base: Path | None = None, sourc
         images=_int(data["images"], where, "images", 1) if "images" in data else None,
         start=_int(data.get("start", 0), where, "start", 0),
         tuning=dict(_typed(data.get("tuning", {}), dict, where, "[tuning]")),
+        class_labels=_typed(data["class_labels"], bool, where, "class_labels") if "class_labels" in data else None,
         operators=tuple(specs),
         methods=tuple(entries),
         metrics=tuple(metrics),

@@ -30,6 +30,7 @@ import torch
 
 from operators.base import Operator, Param
 from operators.registry import register_operator
+from operators.utils import tensor_cache
 
 
 def _taps(sigma: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +53,7 @@ def _axis_spectrum(n: int, sigma: float, size: int) -> np.ndarray:
     return np.cos(2 * np.pi * np.outer(np.arange(n), offsets) / n) @ g
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _spectra(h: int, w: int, sigma: float, size: int, eps: float, dtype: torch.dtype, device: torch.device):
     """``(H_eps, H_eps^+)`` on the ``rfft2`` grid ``(h, w // 2 + 1)``: kept spectrum and its inverse (0 elsewhere)."""
     full = np.outer(_axis_spectrum(h, sigma, size), _axis_spectrum(w, sigma, size)[: w // 2 + 1])

@@ -15,13 +15,12 @@ inverses (``(A_H (x) A_W)^+ = A_H^+ (x) A_W^+``), hence ``A A^+ = I`` to roundin
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
 from operators.base import Operator, Param
 from operators.registry import register_operator
+from operators.utils import tensor_cache
 
 
 def _keys_cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -34,7 +33,7 @@ def _keys_cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
     )
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _axis_matrices(n: int, factor: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``(A, A^+)`` for one axis of length ``n``: A is ``(n / factor, n)``."""
     m = n // factor
@@ -55,7 +54,7 @@ def _axis_matrices(n: int, factor: int, kernel: str) -> tuple[torch.Tensor, torc
     return a, torch.linalg.pinv(a)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _matrices(n: int, factor: int, kernel: str, dtype: torch.dtype, device: torch.device):
     a, a_pinv = _axis_matrices(n, factor, kernel)
     return a.to(device, dtype), a_pinv.to(device, dtype)

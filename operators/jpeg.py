@@ -23,7 +23,6 @@ images then reproduce ``y`` bit-exactly through the real codec at q10 and q20 (t
 
 from __future__ import annotations
 
-import functools
 import io
 
 import numpy as np
@@ -33,7 +32,7 @@ from PIL import Image
 
 from operators.base import Operator, Param
 from operators.registry import register_operator
-from operators.utils import from_uint8, from_unit, to_uint8, to_unit
+from operators.utils import from_uint8, from_unit, tensor_cache, to_uint8, to_unit
 
 # ITU-T T.81 Annex K, Tables K.1 (luminance) and K.2 (chrominance), natural (row-major) order.
 _LUMA_BASE = torch.tensor([
@@ -90,25 +89,25 @@ def _fancy_upsampling_matrix(n: int) -> torch.Tensor:
     return u
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _tables(quality: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(2-D block DCT matrix kron(D, D), luma table, chroma table) on ``device`` in ``dtype``."""
     luma, chroma = quantization_tables(quality)
     return torch.kron(_DCT, _DCT).to(device, dtype), luma.to(device, dtype), chroma.to(device, dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@tensor_cache(16)
 def _colour(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(RGB -> YCbCr matrix, its inverse, (3, 1, 1) offset) on ``device`` in ``dtype``."""
     return tuple(t.to(device, dtype) for t in (_RGB_TO_YCC, _YCC_TO_RGB, _YCC_OFFSET[:, None, None]))
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _fancy(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _fancy_upsampling_matrix(n).to(dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(64)
 def _unfancy(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Moore-Penrose inverse (``n x 2n``) of the triangle upsampler: recovers a decoded chroma plane."""
     return torch.linalg.pinv(_fancy_upsampling_matrix(n)).to(dtype=dtype, device=device)

@@ -6,11 +6,13 @@ so the conventions every layer relies on live here:
 * images are ``float32`` tensors of shape ``(B, C, H, W)`` in ``[-1, 1]``;
 * files hold 8-bit values; :func:`quantize` maps a tensor onto exactly what a PNG would store;
 * randomness is explicit: a ``generator`` is ``None``, one ``torch.Generator`` or a list with one per
-  image, and per-image seeds derive from ``(run seed, image id)`` (:func:`image_seed`).
+  image, and per-image seeds derive from ``(run seed, image id)`` (:func:`image_seed`);
+* cached tensors (operator matrices, tables) are built outside inference mode (:func:`tensor_cache`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -42,6 +44,23 @@ def from_uint8(x: torch.Tensor) -> torch.Tensor:
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """What an 8-bit PNG of ``x`` stores, back in [-1, 1] float32 (clamps, rounds to 1/127.5 steps)."""
     return from_uint8(to_uint8(x)).to(x.device)
+
+
+def tensor_cache(maxsize: int = 64):
+    """``functools.lru_cache`` for functions that build tensors, run with ``torch.inference_mode(False)``: a tensor
+    first built under ``torch.inference_mode()`` (a restoration) would be an inference tensor, which a later
+    autograd computation (DPS, PiGDM) in the same process cannot use."""
+
+    def decorate(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return cached
+
+    return decorate
 
 
 def image_seed(seed: int, image_id: str | int) -> int:

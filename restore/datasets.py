@@ -12,16 +12,24 @@ Sources (:func:`build_dataset`):
   ``filenames``); ids ``cifar10-{split}-{index:05d}``.
 * ``tinyimagenet`` (split ``val``): ``tinyimagenet200_val_jpeg.npz`` (``jpeg`` concatenated JPEG
   files, image i is ``jpeg[offsets[i]:offsets[i+1]]``, ``y``, ``wnids``), decoded on access (grey
-  JPEGs become RGB); ids ``tinyimagenet-val-{index:05d}``.
-* a folder of images (``restore.app.io.ImageFolder``; ids are relative paths such as ``sub/cat.png``);
+  JPEGs become RGB); ids ``tinyimagenet-val-{index:05d}``. ``y`` indexes the file's 200 ``wnids``; the
+  labels are their **ImageNet-1k** class indices (:func:`imagenet_class_index`), the ones ImageNet-64
+  ADM / EDM / CM / BCM checkpoints are conditioned on, and ``classes`` is the 1000 ImageNet-1k wnids.
+* a folder of images (``restore.app.io.ImageFolder``; ids are relative paths such as ``sub/cat.png``),
+  labelled when it holds ``labels.csv`` (columns ``file,label``; ``restore.app.io.read_labels``): every
+  image must then have a label;
 * a CIFAR-10 python folder (``cifar-10-batches-py``: ``data_batch_1..5``, ``test_batch``,
   ``batches.meta``) or one batch file. These are pickles; they are read by :func:`restricted_unpickle`,
   which builds only containers, numbers, strings and numeric numpy arrays and refuses every other
   global, so a crafted file cannot run code;
 * an ``.npz`` file: ``x`` (+ ``y``) uint8 images NHWC or NCHW (ids ``<file stem>-{index}``),
   JPEG bytes with ``jpeg``/``offsets`` as above, or downsampled ImageNet (Imagenet32/64 format:
-  ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based; ids
-  ``imagenet{H}-<file stem>-{index}``, ``labels`` stored 0-based).
+  ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based in the ILSVRC devkit order; ids
+  ``imagenet{H}-<file stem>-{index}``; labels become ImageNet-1k indices when the devkit's ``map_clsloc.txt``
+  lies next to the file, else devkit numbers - 1, with a warning: :func:`load_downsampled_imagenet`).
+
+Labels are 0-based class indices (``Dataset.labels``, ``Dataset.batch_labels``), the ``class_labels`` that
+class-conditional models take (docs/design.md#class-labels).
 
 Named datasets are looked up in ``root``, else ``$BCM_RESTORE_DATA``, else ``../shared/data`` next
 to the repository (:func:`data_root`).
@@ -29,7 +37,9 @@ to the repository (:func:`data_root`).
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 import os
 import pickle
@@ -43,7 +53,15 @@ import torch
 import torch.utils.data
 
 from operators.utils import from_uint8
-from restore.app.io import ErrorCallback, ImageFolder, ImageReadError, group_by_size, image_size, read_image_uint8
+from restore.app.io import (
+    LABELS_FILE,
+    ErrorCallback,
+    ImageFolder,
+    ImageReadError,
+    group_by_size,
+    image_size,
+    read_image_uint8,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -54,11 +72,18 @@ __all__ = [
     "JpegBytesDataset",
     "build_dataset",
     "data_root",
+    "imagenet_class_index",
+    "imagenet_wnids",
     "load_cifar10_python",
     "load_downsampled_imagenet",
     "load_npz",
+    "read_class_map",
     "restricted_unpickle",
 ]
+
+logger = logging.getLogger(__name__)
+
+CLASS_MAP_FILE = "map_clsloc.txt"  # ILSVRC devkit class numbers of downsampled ImageNet (load_downsampled_imagenet)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -68,6 +93,27 @@ DATASETS = {
     "tinyimagenet": ("tinyimagenet200_val_jpeg.npz", ("val",), "val",
                      "Tiny-ImageNet-200 validation, 64x64, 200 classes, already JPEG-compressed"),
 }
+
+
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k (ILSVRC2012) class wnids in sorted order, ``n01440764`` ... ``n15075141``: position
+    = the class index of the ADM / EDM / consistency-model ImageNet checkpoints (the sorted synset folders of the
+    training set). Stored in the package, ``restore/data/imagenet1k_wnids.txt``."""
+    text = (Path(__file__).resolve().parent / "data" / "imagenet1k_wnids.txt").read_text()
+    wnids = tuple(text.split())
+    if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)):
+        raise ValueError("restore/data/imagenet1k_wnids.txt is corrupt: expected 1000 sorted, distinct wnids")
+    return wnids
+
+
+def imagenet_class_index(wnids: Sequence[str]) -> np.ndarray:
+    """ImageNet-1k class indices (int64) of ``wnids``; ValueError naming those that are not ImageNet-1k classes."""
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    unknown = [str(w) for w in wnids if str(w) not in index]
+    if unknown:
+        raise ValueError(f"not ImageNet-1k classes: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return np.array([index[str(w)] for w in wnids], dtype=np.int64)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -108,6 +154,14 @@ class Dataset(torch.utils.data.Dataset, ABC):
     @property
     def ids(self) -> list[str]:
         return [self.image_id(i) for i in range(len(self))]
+
+    def batch_labels(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The class labels of images ``indices`` as an int64 (B,) tensor, the ``class_labels`` of the method
+        contract; ValueError when the dataset has none."""
+        if self.labels is None:
+            raise ValueError(f"dataset {self.name!r} has no class labels (a folder needs {LABELS_FILE} with columns "
+                             "file,label)")
+        return torch.from_numpy(np.asarray(self.labels)[self._check(indices)])
 
     def index(self, image_id: str) -> int:
         """Position of ``image_id``; ``KeyError`` if absent."""
@@ -257,6 +311,12 @@ class FolderDataset(Dataset):
         self.folder = ImageFolder(root, recursive, on_error)
         self.name = self.folder.root.resolve().name
         self.source = str(self.folder.root)
+        if self.folder.labels is not None:
+            missing = [i for i in self.folder.ids if i not in self.folder.labels]
+            if missing:
+                raise ValueError(f"{self.folder.root / LABELS_FILE} has no label for {len(missing)} image(s), "
+                                 f"e.g. {', '.join(missing[:3])}")
+            self.labels = np.array([self.folder.labels[i] for i in self.folder.ids], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -469,8 +529,27 @@ def load_cifar10_python(path: str | os.PathLike, split: str | None = None) -> Ar
     )
 
 
+def read_class_map(path: str | os.PathLike) -> dict[int, str]:
+    """``{class number: wnid}`` from an ILSVRC devkit ``map_clsloc.txt`` (lines ``n02119789 1 kit_fox``)."""
+    out = {}
+    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError(f"{path}:{k}: expected 'WNID NUMBER NAME', got {line!r}")
+        out[int(parts[1])] = parts[0]
+    return out
+
+
 def load_downsampled_imagenet(path: str | os.PathLike) -> ArrayDataset:
-    """Imagenet32/64-style npz: ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based."""
+    """Imagenet32/64-style npz: ``data`` uint8 (N, 3*H*W) flattened channel-first, ``labels`` 1-based.
+
+    Those labels number the classes in the ILSVRC devkit order of ``map_clsloc.txt`` (1 = n02119789 kit fox), not
+    in the sorted-wnid order of the ImageNet-1k checkpoints. With ``map_clsloc.txt`` next to the file they become
+    ImageNet-1k indices (:func:`imagenet_class_index`; ``classes`` = :func:`imagenet_wnids`); without it they are
+    the devkit numbers minus one (``classes`` None) and a warning says so, since a class-conditional ImageNet
+    model would be conditioned on the wrong classes."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
         data, labels = f["data"], np.asarray(f["labels"]).astype(np.int64)
@@ -479,14 +558,26 @@ def load_downsampled_imagenet(path: str | os.PathLike) -> ArrayDataset:
         raise ValueError(f"{path}: expected 'data' uint8 of shape (N, 3*H*H), got {data.dtype} {data.shape}")
     if len(labels) and labels.min() < 1:
         raise ValueError(f"{path}: labels are expected 1-based (Imagenet32/64 format)")
-    return ArrayDataset(data.reshape(-1, 3, side, side), f"imagenet{side}-{path.stem}", "NCHW", labels - 1,
+    class_map, classes = path.parent / CLASS_MAP_FILE, None
+    if class_map.is_file():
+        wnids = read_class_map(class_map)
+        missing = sorted(set(labels.tolist()) - set(wnids))
+        if missing:
+            raise ValueError(f"{class_map} has no class {missing[0]} (of {len(missing)} missing)")
+        labels, classes = imagenet_class_index([wnids[k] for k in labels.tolist()]), imagenet_wnids()
+    else:
+        labels = labels - 1
+        logger.warning("%s: labels are ILSVRC devkit class numbers - 1, not ImageNet-1k (sorted wnid) indices; put "
+                       "the devkit's %s next to it to condition ImageNet models on the right classes",
+                       path, CLASS_MAP_FILE)
+    return ArrayDataset(data.reshape(-1, 3, side, side), f"imagenet{side}-{path.stem}", "NCHW", labels, classes,
                         source=str(path))
 
 
 def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
-    """An ``.npz`` of images: ``x`` (+ ``y``, ``filenames``), ``jpeg`` + ``offsets`` (+ ``y``, ``wnids``),
-    or downsampled-ImageNet ``data`` + ``labels``. ``name`` (the id prefix) defaults to the file stem
-    with ``_`` -> ``-`` (so ``cifar10_test.npz`` gives ``cifar10-test-00042``)."""
+    """An ``.npz`` of images: ``x`` (+ ``y``, ``filenames``), ``jpeg`` + ``offsets`` (+ ``y``, ``wnids``: labels
+    become ImageNet-1k indices), or downsampled-ImageNet ``data`` + ``labels``. ``name`` (the id prefix) defaults
+    to the file stem with ``_`` -> ``-`` (so ``cifar10_test.npz`` gives ``cifar10-test-00042``)."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
         keys = set(f.files)
@@ -501,7 +592,10 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
             filenames = [str(n) for n in f["filenames"]] if "filenames" in keys else None
             return ArrayDataset(x, name, layout, labels, classes, str(path), filenames=filenames)
         if {"jpeg", "offsets"} <= keys:
-            classes = [str(w) for w in f["wnids"]] if "wnids" in keys else None
+            classes = None
+            if "wnids" in keys and labels is not None:  # Tiny-ImageNet: y indexes wnids -> ImageNet-1k indices
+                labels = imagenet_class_index(f["wnids"])[np.asarray(labels, dtype=np.int64)]
+                classes = imagenet_wnids()
             return JpegBytesDataset(f["jpeg"], f["offsets"], name, labels, classes, str(path))
     raise ValueError(f"{path}: unknown npz layout with arrays {sorted(keys)}; "
                      "expected x[, y], jpeg + offsets, or data + labels")

@@ -28,14 +28,14 @@ CALLS: Counter = Counter()  # method -> images it was called on
 
 
 @register_method("cost-test-free", blind=False, model="none", default_nfe=0)
-def _free(model, y, op, *, nfe, generator=None, callback=None):
+def _free(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """Network-free: the dry run must not call it."""
     CALLS["cost-test-free"] += len(y)
     return op.pinv(y) if op.linear else y
 
 
 @register_method("cost-test-bcm", blind=True, model="bcm", default_nfe=1)
-def _bcm(model, y, op, *, nfe, generator=None, callback=None, extra: int = 0):
+def _bcm(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, extra: int = 0):
     """nfe + extra jumps (a count the budget alone does not give)."""
     CALLS["cost-test-bcm"] += len(y)
     x = op.pinv(y) if op.linear else y

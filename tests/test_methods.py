@@ -22,7 +22,7 @@ def registry(monkeypatch):
 
 def test_register_call_and_describe(registry):
     @register_method("scale", blind=True, model="none", operators=("jpeg",), default_nfe=3)
-    def restore_scale(model, y, op, *, nfe, generator=None, callback=None, factor=1.0):
+    def restore_scale(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, factor=1.0):
         """Multiply by a factor, nfe times.
 
         More text."""
@@ -48,7 +48,7 @@ def test_errors(registry):
     assert get_method("gan-method").model == "gan"
 
     @register_method("x", blind=True, model="none")
-    def first(model, y, op, *, nfe, generator=None, callback=None):
+    def first(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
         return y
 
     register_method("x", blind=True, model="none")(first)  # re-registering the same function is harmless
@@ -76,4 +76,6 @@ def test_search_spaces_name_keywords_and_contain_the_defaults():
     assert tuned >= 20
     with pytest.raises(ValueError, match="not keywords"):
         register_method("space-typo", blind=True, model="none", space={"sigmaa": Float(0.1, 1.0)})(
-            lambda model, y, op, *, nfe, generator=None, callback=None, sigma=0.5: y)
+            lambda model, y, op, *, nfe, generator=None, callback=None, class_labels=None, sigma=0.5: y)
+    with pytest.raises(ValueError, match="must take the keyword class_labels"):  # the contract is checked
+        register_method("no-labels", blind=True, model="none")(lambda model, y, op, *, nfe, generator=None: y)

@@ -475,3 +475,18 @@ def test_register_operator_validates(monkeypatch):
     assert isinstance(op, Negate) and op.spec == "negate:noise=0.5" and "negate" in list_operators()
     x = torch.ones(1, 1, 2, 2)
     torch.testing.assert_close(op.project(torch.zeros_like(x), -x), x)
+
+
+@pytest.mark.parametrize("spec", BASE_SPECS)
+def test_tables_cached_in_inference_mode_still_serve_autograd(spec):
+    """A restoration under torch.inference_mode() builds an operator's cached matrices first; a gradient method
+    (DPS) in the same process must still differentiate through the operator (operators.utils.tensor_cache)."""
+    size = 48  # a size no other test uses, so the cache is filled here, in inference mode
+    op = _ready(spec, torch.zeros(2, 3, size, size, dtype=torch.float64))  # drawn masks are the caller's data
+    with torch.inference_mode():
+        y = op(torch.zeros(2, 3, size, size, dtype=torch.float64))
+        op.project(torch.zeros(2, 3, size, size, dtype=torch.float64), y)
+    x = torch.rand(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    forward = getattr(op, "differentiable", op)
+    (g,) = torch.autograd.grad(forward(x).square().sum(), x)
+    assert g.shape == x.shape and torch.isfinite(g).all()

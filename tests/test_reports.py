@@ -24,12 +24,12 @@ from restore.methods import register_method
 
 
 @register_method("report-test-pinv", blind=False, model="none", default_nfe=0)
-def _pinv(model, y, op, *, nfe, generator=None, callback=None):
+def _pinv(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     return op.pinv(y)
 
 
 @register_method("report-test-blur", blind=False, model="none", default_nfe=1)
-def _blur(model, y, op, *, nfe, generator=None, callback=None):
+def _blur(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """Pseudo-inverse smoothed ``nfe`` times (stands in for a method with an NFE axis)."""
     x = op.pinv(y)
     for _ in range(nfe):

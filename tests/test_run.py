@@ -33,7 +33,7 @@ STATE = {"interrupt_after": None, "calls": 0, "inference_mode": []}
 
 
 @register_method("test-pinv", blind=False, model="none", default_nfe=1)
-def restore_test_pinv(model, y, op, *, nfe, generator=None, callback=None, scale: float = 1.0):
+def restore_test_pinv(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, scale: float = 1.0):
     """Pseudo-inverse (identity for JPEG): deterministic and pixel-local."""
     STATE["calls"] += 1
     STATE["inference_mode"].append(torch.is_inference_mode_enabled())
@@ -43,21 +43,21 @@ def restore_test_pinv(model, y, op, *, nfe, generator=None, callback=None, scale
 
 
 @register_method("test-grad", blind=False, model="none", default_nfe=1, needs_grad=True)
-def restore_test_grad(model, y, op, *, nfe, generator=None, callback=None):
+def restore_test_grad(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """Records whether autograd is available, as a DPS-style method would need."""
     STATE["inference_mode"].append(torch.is_inference_mode_enabled())
     return y
 
 
 @register_method("test-noisy", blind=False, model="none", default_nfe=1)
-def restore_test_noisy(model, y, op, *, nfe, generator=None, callback=None):
+def restore_test_noisy(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """Pseudo-inverse plus per-image noise from ``generator``."""
     x = op.pinv(y) if op.linear else y
     return x + 0.1 * randn(x.shape, generator, device=x.device)
 
 
 @register_method("test-bcm", blind=False, model="bcm", operators=("box", "down"), default_nfe=2)
-def restore_test_bcm(model, y, op, *, nfe, generator=None, callback=None):
+def restore_test_bcm(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """``nfe`` rounds of denoise-then-project with the network."""
     x = op.pinv(y)
     for _ in range(nfe):

@@ -40,14 +40,14 @@ def _count(name, y, nfe):
 
 
 @register_method("run-test-pinv", blind=False, model="none", default_nfe=0)
-def _pinv(model, y, op, *, nfe, generator=None, callback=None, shift=0.0):
+def _pinv(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, shift=0.0):
     """Pseudo-inverse (JPEG: the decoded image), optionally shifted."""
     _count("run-test-pinv", y, nfe)
     return (op.pinv(y) if op.linear else y) + shift
 
 
 @register_method("run-test-noisy", blind=False, model="none", default_nfe=0)
-def _noisy(model, y, op, *, nfe, generator=None, callback=None):
+def _noisy(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """Pseudo-inverse plus noise from the per-image generators (checks seeding across batches and shards)."""
     _count("run-test-noisy", y, nfe)
     x = op.pinv(y) if op.linear else y
@@ -55,7 +55,7 @@ def _noisy(model, y, op, *, nfe, generator=None, callback=None):
 
 
 @register_method("run-test-grad", blind=False, model="none", default_nfe=0, needs_grad=True)
-def _grad(model, y, op, *, nfe, generator=None, callback=None):
+def _grad(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """One gradient step on ||A x - y||^2 from x = 0: fails inside inference_mode."""
     x = torch.zeros_like(op.pinv(y) if op.linear else y, requires_grad=True)
     (g,) = torch.autograd.grad((op(x) - y).square().sum(), x)
@@ -63,7 +63,7 @@ def _grad(model, y, op, *, nfe, generator=None, callback=None):
 
 
 @register_method("run-test-bcm", blind=True, model="bcm", default_nfe=1)
-def _bcm(model, y, op, *, nfe, generator=None, callback=None):
+def _bcm(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     """nfe jumps of a BCM, from sigma 1 down (enough to count network evaluations)."""
     x = op.pinv(y) if op.linear else y
     for _ in range(nfe):

@@ -10,17 +10,17 @@ from restore.methods import register_method
 
 
 @register_method("suite-test-any", blind=False, model="none", default_nfe=0)
-def _any(model, y, op, *, nfe, generator=None, callback=None, scale=1.0):
+def _any(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, scale=1.0):
     return y
 
 
 @register_method("suite-test-jpeg", blind=True, model="none", operators=("jpeg",), default_nfe=0)
-def _jpeg_only(model, y, op, *, nfe, generator=None, callback=None):
+def _jpeg_only(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     return y
 
 
 @register_method("suite-test-bcm", blind=True, model="bcm", default_nfe=1)
-def _needs_bcm(model, y, op, *, nfe, generator=None, callback=None):
+def _needs_bcm(model, y, op, *, nfe, generator=None, callback=None, class_labels=None):
     return y
 
 

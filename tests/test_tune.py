@@ -19,7 +19,7 @@ from restore.methods import Float, register_method
 
 
 @register_method("tune-test-scale", blind=True, model="none", default_nfe=1, space={"factor": Float(0.3, 1.5)})
-def _scale(model, y, op, *, nfe, generator=None, callback=None, factor: float = 0.4):
+def _scale(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, factor: float = 0.4):
     """Scale the measurement: PSNR peaks at factor 1 on the identity-like box operator (outside the hole)."""
     return y * factor
 

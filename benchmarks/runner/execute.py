@@ -8,7 +8,8 @@ seconds and one line per failed cell (a broken cell never stops the others).
 Per cell, images are split into those the method has not run on (or whose saved restoration is gone)
 and those that only miss metrics added to the suite later. Batches hold images of one size, at most
 ``batch_size``. For each batch: derive the generators (:func:`batch_generators`), get the measurements
-(:mod:`~benchmarks.runner.measure`), then either restore -- method call timed after a CUDA
+(:mod:`~benchmarks.runner.measure`), then either restore -- the batch's dataset labels passed as
+``class_labels`` when the cell's model is class-conditional (``Cell.class_labels``), method call timed after a CUDA
 synchronise, network passes counted, restorations saved as 8-bit PNG and scored from those values --
 or rescore the saved PNGs; each batch's :class:`~benchmarks.runner.journal.BatchResult` is committed
 before the next batch starts. Gradient methods (``needs_grad``) run with autograd on, the rest
@@ -72,9 +73,10 @@ def load_model(ref: str | None, device: torch.device,
 
 
 def restore_batch(cell: Cell, method, model, params: int, ids: list[str], x: torch.Tensor, measured: Measured,
-                  generators: list[torch.Generator], out: Path, metrics) -> tuple[BatchResult, float]:
-    """Run the cell's method on one batch, save the restorations and score them; returns the result and the
-    method's wall time for the whole batch."""
+                  generators: list[torch.Generator], out: Path, metrics,
+                  labels: torch.Tensor | None = None) -> tuple[BatchResult, float]:
+    """Run the cell's method on one batch (``labels``: its class labels, for a class-conditional model), save the
+    restorations and score them; returns the result and the method's wall time for the whole batch."""
     from restore.app.io import output_path, write_png
 
     op, y = measured.op, measured.y
@@ -84,7 +86,7 @@ def restore_batch(cell: Cell, method, model, params: int, ids: list[str], x: tor
         torch.cuda.synchronize(x.device)
     start = time.perf_counter()
     with grad, counting as tally:
-        x_hat = method(model, y, op, nfe=cell.nfe, generator=generators, **cell.hparams)
+        x_hat = method(model, y, op, nfe=cell.nfe, generator=generators, class_labels=labels, **cell.hparams)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     elapsed = time.perf_counter() - start
@@ -158,8 +160,9 @@ def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, fin
                     if cell.model not in models:
                         models[cell.model] = load_model(cell.model, device, acceleration)
                     model, params = models[cell.model]
+                    labels = dataset.batch_labels(batch).to(device) if cell.class_labels else None
                     result, elapsed = restore_batch(cell, method, model, params, ids, x, measured, gens.method, out,
-                                                    metrics)
+                                                    metrics, labels)
                     commit_images(journal, suite.name, result)
                     seconds += elapsed
                     restored += len(ids)

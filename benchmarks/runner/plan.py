@@ -6,10 +6,13 @@ image indices and ids of the run (and of this shard), the ids whose degraded inp
 are kept as PNG for grids, and the key of the image set that set metrics (FID / KID) are tied to.
 
 Every configuration error (unknown method, missing or wrong kind of model, a method that supports
-none of the suite's operators) is raised here, before anything is written. A cell's key hashes its
-resolved configuration -- dataset, operator spec, method, hyper-parameters, the model's *weights*
-hash (card edits do not count), NFE budget, seed and :data:`RUNNER_VERSION` -- and nothing else, so
-editing a suite reruns exactly the cells whose configuration changed, while labels, batch size and
+none of the suite's operators, class labels that do not fit the models or the dataset) is raised here,
+before anything is written. A cell passes the dataset's class labels to its method exactly when its model is
+class-conditional (``Cell.class_labels``; the suite's ``class_labels`` key only requires or forbids it).
+
+A cell's key hashes its resolved configuration -- dataset, operator spec, method, hyper-parameters, the
+model's *weights* hash (card edits do not count), NFE budget, seed and :data:`RUNNER_VERSION` -- and nothing
+else, so editing a suite reruns exactly the cells whose configuration changed, while labels, batch size and
 the metric list never invalidate results.
 """
 
@@ -46,6 +49,9 @@ class Cell:
     seed: int
     hparams: dict = field(default_factory=dict)
     dataset: str = ""
+    # The method gets the batch's dataset labels: the model is class-conditional. Not in the key: it follows
+    # from the model (weights hash) and the labels from the dataset.
+    class_labels: bool = False
 
     @property
     def config(self) -> dict[str, Any]:
@@ -72,6 +78,23 @@ def load_dataset(suite: Suite):
     if not suite.dataset:
         raise ValueError(f"suite {suite.name!r} names no dataset: pass --data PATH")
     return build_dataset(suite.dataset, suite.split)
+
+
+def _model_classes(path: Path | None) -> int:
+    """``num_classes`` of a checkpoint's network, from its metadata (0: unconditional, or no model)."""
+    from restore.engine.checkpoints import read_metadata
+
+    return int(read_metadata(path)["unet"].get("num_classes", 0) or 0) if path is not None else 0
+
+
+def _check_labels(suite: Suite, entry, ref: str | None, classes: int) -> None:
+    """A method entry's model against the suite's ``class_labels`` setting (benchmarks.suites)."""
+    if suite.class_labels is False and classes:
+        raise ValueError(f"suite {suite.name!r} sets class_labels = false but {ref} (method {entry.name!r}) is "
+                         f"class-conditional ({classes} classes); drop the setting or use an unconditional model")
+    if suite.class_labels is True and ref is not None and not classes:
+        raise ValueError(f"suite {suite.name!r} sets class_labels = true but {ref} (method {entry.name!r}) is "
+                         "unconditional; drop the setting or use a class-conditional model")
 
 
 def _check_model(suite: Suite, entry, method, ref: str | None) -> Path | None:
@@ -106,11 +129,13 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
 
     ops = {spec: build_operator(spec) for spec in suite.operators}
     shas: dict[str, str] = {}
-    runs = []  # (entry, model reference, operator specs it runs on)
+    runs = []  # (entry, model reference, operator specs it runs on, whether it is class-conditional)
     for entry in suite.methods:
         method = get_method(entry.name)
         ref = suite.model_ref(entry)
         path = _check_model(suite, entry, method, ref)
+        classes = _model_classes(path)
+        _check_labels(suite, entry, ref, classes)
         if path is not None and ref not in shas:
             shas[ref] = weights_sha256(path)
         specs = [s for s in suite.operators
@@ -118,10 +143,27 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
         if not specs:
             raise ValueError(f"method {entry.name!r} supports none of the suite's operators "
                              f"({', '.join(suite.operators)}); it supports: {', '.join(method.operators)}")
-        runs.append((entry, ref, specs))
-    return [Cell(spec, entry.name, entry.label, ref, shas.get(ref), nfe, seed, dict(entry.hparams), dataset_name)
-            for spec in suite.operators for seed in suite.seeds for entry, ref, specs in runs if spec in specs
-            for nfe in entry.nfe]
+        runs.append((entry, ref, specs, classes > 0))
+    return [Cell(spec, entry.name, entry.label, ref, shas.get(ref), nfe, seed, dict(entry.hparams), dataset_name,
+                 conditional)
+            for spec in suite.operators for seed in suite.seeds for entry, ref, specs, conditional in runs
+            if spec in specs for nfe in entry.nfe]
+
+
+def _check_dataset_labels(suite: Suite, dataset, cells: list[Cell]) -> None:
+    """The dataset has the labels its class-conditional models need, numbering as many classes as each model has
+    (when the dataset names its classes: CIFAR-10 labels cannot condition an ImageNet model)."""
+    from restore.engine.checkpoints import resolve_model_path
+
+    if dataset.labels is None and (suite.class_labels or any(c.class_labels for c in cells)):
+        needs = next((c.model for c in cells if c.class_labels), None)
+        raise ValueError(f"suite {suite.name!r}: {f'{needs} is class-conditional but ' if needs else ''}dataset "
+                         f"{dataset.name!r} has no class labels (a folder needs labels.csv with columns file,label)")
+    for ref in dict.fromkeys(c.model for c in cells if c.class_labels):
+        classes = _model_classes(resolve_model_path(ref))
+        if dataset.classes is not None and len(dataset.classes) != classes:
+            raise ValueError(f"suite {suite.name!r}: {ref} has {classes} classes but the labels of dataset "
+                             f"{dataset.name!r} number {len(dataset.classes)}")
 
 
 def set_key(suite: Suite, ids: list[str]) -> str:
@@ -158,6 +200,7 @@ def make_plan(suite: Suite, limit: int | None = None, rank: int = 0, world_size:
     ``suite.start`` on."""
     dataset = load_dataset(suite)
     cells = resolve_cells(suite, dataset.name)
+    _check_dataset_labels(suite, dataset, cells)
     if suite.start >= len(dataset):
         raise ValueError(f"suite {suite.name!r}: start {suite.start} is past the {len(dataset)} images of the data")
     left = len(dataset) - suite.start

@@ -91,7 +91,7 @@ def _write_records(plan, out: Path, device: torch.device, limit: int | None, sum
         "environment": environment(device, plan.world_size), "models": models, "summary": summary,
         "grid_ids": ids[:GRID_IMAGES],
         "cells": [{"key": c.key, "label": c.label, "dir": str(c.out_dir(out).relative_to(out)), **c.config,
-                   "model": c.model} for c in cells],
+                   "model": c.model, "class_labels": c.class_labels} for c in cells],
         "degraded": {spec: {seed: str(degraded_dir(out, plan.dataset.name, spec, seed).relative_to(out))
                             for seed in suite.seeds} for spec in suite.operators},
     }

@@ -89,12 +89,15 @@ def models(as_json: bool) -> None:
               help="Tile side in output pixels for other sizes; default: the model's resolution.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Minimum tile overlap in measurement pixels; default: a quarter tile.")
+@click.option("--class-labels", default=None, metavar="FILE|INT",
+              help="Class labels for a class-conditional model: a CSV with columns file,label (file = image id, "
+                   "e.g. sub/cat.png) or one class index for every image.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @acceleration_options
 def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe: int | None, model: str | None,
         degrade: bool, reference: Path | None, batch_size: int, device: str | None, seed: int, recursive: bool,
-        overwrite: bool, hparams: tuple[str, ...], tile: int | None, overlap: int | None, progress: bool,
-        acceleration) -> None:
+        overwrite: bool, hparams: tuple[str, ...], tile: int | None, overlap: int | None, class_labels: str | None,
+        progress: bool, acceleration) -> None:
     """Restore every image in INPUT_DIR into OUTPUT_DIR (PNGs plus manifest.csv; re-running resumes).
 
     Images of the model's size are batched; other sizes are restored in overlapping tiles for local
@@ -104,6 +107,7 @@ def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe:
     Examples:
       restore run jpegs/ out/ --operator jpeg:quality=10 --method bcm-jpeg-dc --model bcm.safetensors --nfe 2
       restore run clean/ demo/ --operator box:size=16 --method bcm-inpaint --model bcm.safetensors --degrade --seed 1
+      restore run jpegs/ out/ --operator jpeg:quality=20 --method bcm-jpeg --model in64.safetensors --class-labels 207
     """
     import torch
 
@@ -117,7 +121,8 @@ def run(input_dir: Path, output_dir: Path, operator_spec: str, method: str, nfe:
             input_dir, output_dir, operator=operator_spec, method=method, nfe=nfe, model=model, degrade=degrade,
             reference=reference, batch_size=batch_size, seed=seed, recursive=recursive, overwrite=overwrite,
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"), hparams=parse_hparams(hparams),
-            tile=tile, overlap=overlap, progress=progress, on_error=skipped, acceleration=acceleration)
+            tile=tile, overlap=overlap, class_labels=class_labels, progress=progress, on_error=skipped,
+            acceleration=acceleration)
     except RunError as e:
         raise click.ClickException(str(e)) from None
     ok = [r for r in summary.rows if r["status"] == "ok"]

@@ -28,6 +28,13 @@ Reading
   reason; :class:`ImageFolder` and :func:`iter_batches` report ``(image_id, reason)`` to ``on_error``
   (default: a logging warning) and skip the file. Files with other extensions are reported too.
 
+Class labels
+------------
+A folder may hold ``labels.csv`` (:data:`LABELS_FILE`, columns ``file,label``): ``file`` is an image id as
+above (``sub/cat.png``), ``label`` a 0-based class index. :func:`read_labels` reads such a file;
+:class:`ImageFolder` reads its own into ``labels`` (image id -> label), which class-conditional models need
+(``restore run --class-labels FILE|INT``, the dataset registry). It is not an image, so it is not reported.
+
 Batching
 --------
 Images of different sizes cannot share a tensor, so batches hold images of one size. Sizes are read
@@ -47,6 +54,7 @@ input file. :func:`output_path` maps an id to its output file (sub-folders kept,
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import os
@@ -64,6 +72,7 @@ from restore.runtime.files import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LABELS_FILE",
     "ImageFolder",
     "ImageReadError",
     "OutputError",
@@ -77,12 +86,14 @@ __all__ = [
     "output_path",
     "read_image",
     "read_image_uint8",
+    "read_labels",
     "write_png",
 ]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+LABELS_FILE = "labels.csv"  # a folder's class labels: columns file,label
 
 Source = str | os.PathLike | bytes | BinaryIO
 ErrorCallback = Callable[[str, str], None]
@@ -222,9 +233,31 @@ def list_images(folder: str | os.PathLike, recursive: bool = False,
     for path in sorted(_walk(folder, recursive), key=lambda p: image_id(p, folder)):
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(path)
+        elif path == folder / LABELS_FILE:
+            continue  # the folder's class labels (module docstring)
         elif on_error is not None:
             on_error(image_id(path, folder), f"not an image file (supported: {', '.join(IMAGE_EXTENSIONS)})")
     return images
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """``{image id: class label}`` from a ``file,label`` CSV (:data:`LABELS_FILE`); ValueError naming the file and
+    line for a missing column, a non-integer or negative label, or a file listed twice."""
+    path = Path(path)
+    labels: dict[str, int] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"file", "label"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: a labels file needs the columns file,label; got {reader.fieldnames}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            name, value = (row["file"] or "").strip(), (row["label"] or "").strip()
+            if not value.isdigit():
+                raise ValueError(f"{where}: label must be a non-negative integer, got {value!r}")
+            if name in labels:
+                raise ValueError(f"{where}: {name!r} is listed twice")
+            labels[name] = int(value)
+    return labels
 
 
 def group_by_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -255,6 +288,9 @@ class ImageFolder:
     def __init__(self, root: str | os.PathLike, recursive: bool = False, on_error: ErrorCallback | None = None):
         self.root = _check_folder(root)
         self.recursive = recursive
+        label_file = self.root / LABELS_FILE
+        # image id -> class label from the folder's labels.csv (module docstring); None without one
+        self.labels: dict[str, int] | None = read_labels(label_file) if label_file.is_file() else None
         self.on_error = on_error or _warn
         self.ids: list[str] = []
         self.paths: list[Path] = []

@@ -22,6 +22,13 @@ registered method (:mod:`restore.methods`) and writes, under ``OUTPUT_DIR``:
 * ``run.json``: the settings that determine the outputs, plus the speed options (bf16, channels_last, compile:
   rounding only, so a run resumes across them) and the environment.
 
+Class labels (``class_labels``, ``restore run --class-labels FILE|INT``): a class-conditional model
+(``num_classes > 0``) needs one label per image, from a ``file,label`` CSV (``restore.app.io.read_labels``;
+``file`` is the image id) or one integer for every image; they reach every network call of the method
+(tiles inherit their image's label); ``run.json`` records the integer, or the file with its sha256. A
+conditional model without labels, labels for an unconditional model
+or a method without a network, and an image missing from the CSV are :class:`RunError` before any work.
+
 Resuming: a second call restores only images without an ``ok`` manifest row and an existing
 output file, so an interrupted run continues where it stopped; the settings must match the
 previous run's ``run.json`` (a mix of settings in one folder would be unusable) unless
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import inspect
 import json
 import logging
@@ -57,11 +65,11 @@ import torch
 from torch import nn
 
 from operators import build_operator
-from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image
+from restore.app.io import ImageFolder, OutputError, OutputGuard, check_output_dir, read_image, read_labels
 from restore.app.tiling import tile_rule, tiled_restore
 from restore.engine.acceleration import OFF, Acceleration
 from restore.engine.nfe import NFECount
-from restore.engine.wrappers import check_operator, serves
+from restore.engine.wrappers import check_operator, class_conditioning, serves
 from restore.methods import get_method
 from restore.quality import consistency_psnr, psnr, ssim
 from restore.records.provenance import environment
@@ -79,7 +87,7 @@ DEGRADED_DIR = "degraded"
 MANIFEST_EVERY_S = 5.0  # the manifest is also written when the run ends, fails or is interrupted
 COLUMNS = ("image_id", "status", "output", "degraded", "height", "width", "tiles", "seconds",
            "nfe_forward", "nfe_backward", "psnr", "ssim", "cpsnr", "note")
-_RESERVED = ("model", "y", "op", "nfe", "generator", "callback")
+_RESERVED = ("model", "y", "op", "nfe", "generator", "callback", "class_labels")
 
 
 class RunError(ValueError):
@@ -131,6 +139,7 @@ def run_folder(
     hparams: Mapping[str, Any] | None = None,
     tile: int | None = None,
     overlap: int | None = None,
+    class_labels: str | int | Path | None = None,
     progress: bool = False,
     on_error: Callable[[str, str], None] | None = None,
     acceleration: Acceleration = OFF,
@@ -139,10 +148,10 @@ def run_folder(
 
     ``model``: checkpoint path, bundled name or a loaded wrapper (None for methods with ``model="none"``).
     ``tile``: output tile side (default: the network's native resolution); ``overlap``: minimum tile
-    overlap in measurement pixels (default: a quarter tile). ``on_error(image_id, reason)`` hears about
-    every skipped file (default: a logging warning). ``acceleration``: bf16 / channels_last / compile of the
-    network (`restore.engine.acceleration`; a loaded ``model`` is changed in place). User errors raise
-    :class:`RunError`.
+    overlap in measurement pixels (default: a quarter tile). ``class_labels``: a ``file,label`` CSV or one
+    integer (module docstring). ``on_error(image_id, reason)`` hears about every skipped file (default: a logging
+    warning). ``acceleration``: bf16 / channels_last / compile of the network (`restore.engine.acceleration`; a
+    loaded ``model`` is changed in place). User errors raise :class:`RunError`.
     """
     if batch_size < 1:
         raise RunError(f"batch size must be >= 1, got {batch_size}")
@@ -172,6 +181,7 @@ def run_folder(
         check_operator(net, op)  # conditional models (Palette, I2SB) restore only their own degradation
     except ValueError as e:
         raise RunError(f"{model_label}: {e}") from None
+    labels, labels_setting = _class_labels(class_labels, net, meth)
     if tile is None and net is not None:
         tile = getattr(getattr(getattr(net, "net", None), "config", None), "img_resolution", None)
 
@@ -186,6 +196,7 @@ def run_folder(
     settings = json.loads(json.dumps({
         "operator": op.spec, "method": meth.name, "nfe": nfe, "model": model_label, "degrade": degrade,
         "seed": seed, "hparams": hparams, "tile": tile, "overlap": overlap,
+        **({"class_labels": labels_setting} if labels_setting is not None else {}),  # old run.json files stay valid
     }))
     rows = _resume(out, settings, overwrite)
 
@@ -211,6 +222,8 @@ def run_folder(
                        "rename it")
     done = {i for i in folder.ids if i in rows and rows[i]["status"] == "ok" and (out / rows[i]["output"]).is_file()}
     todo = [k for k, i in enumerate(folder.ids) if i not in done]
+    if isinstance(labels, dict):
+        _check_label_file(labels, [folder.ids[k] for k in todo], net, labels_setting["file"])
     sizes = _plan_sizes(folder, todo, op, degrade, scale, tile, rule is not None)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +231,7 @@ def run_folder(
     write_text_atomic(json.dumps(record, indent=2), out / RUN_FILE)
     summary = RunSummary(out, out / MANIFEST, skipped=sorted(done))
 
-    job = _Job(meth, net, nfe, hparams, seed, device, tile, overlap, rule, batch_size)
+    job = _Job(meth, net, nfe, hparams, seed, device, tile, overlap, rule, batch_size, labels)
     grad = contextlib.nullcontext() if meth.needs_grad else torch.inference_mode()
     saved = time.monotonic()
     try:
@@ -276,7 +289,7 @@ def _check_hparams(meth, hparams: Mapping[str, Any]) -> None:
                        f"valid: {', '.join(valid) or '(none)'}")
 
 
-def _load(model, meth, device, acceleration: Acceleration) -> tuple[nn.Module | None, str | None]:
+def _load(model, meth, device, acceleration: Acceleration = OFF) -> tuple[nn.Module | None, str | None]:
     """The network the method needs (moved to ``device``, with ``acceleration`` applied) and how run.json names it."""
     if meth.model == "none":
         if model is not None:
@@ -300,6 +313,45 @@ def _load(model, meth, device, acceleration: Acceleration) -> tuple[nn.Module | 
     if not serves(net, meth.model):  # a BCM is also a CM, a VP-epsilon denoiser an EDM denoiser
         raise RunError(f"method {meth.name!r} needs a {meth.model} model, but {label} is a {kind} model")
     return acceleration.apply(net.to(device).eval()), label
+
+
+def _class_labels(spec, net, meth) -> tuple[dict[str, int] | int | None, dict | int | None]:
+    """The run's labels (image id -> label, one int, or None) and how run.json records them; RunError when they
+    do not fit the model (conditional without labels, labels for an unconditional model or no network)."""
+    if spec is None:
+        labels, setting = None, None
+    elif isinstance(spec, int) or str(spec).strip().isdigit():
+        labels = setting = int(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise RunError(f"--class-labels {spec}: neither an integer nor a file")
+        try:
+            labels = read_labels(path)
+        except (ValueError, OSError) as e:
+            raise RunError(str(e)) from None
+        # the file's content, not only its path, decides whether a resumed run is the same run
+        setting = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if labels is not None and net is None:
+        raise RunError(f"method {meth.name!r} uses no network, so class labels do nothing; drop --class-labels")
+    try:
+        class_conditioning(net, None if labels is None else 0, 1)  # conditional <=> labels given
+        if isinstance(labels, int):
+            class_conditioning(net, labels, 1)  # in range
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return labels, setting
+
+
+def _check_label_file(labels: dict[str, int], ids: list[str], net, source) -> None:
+    """Every image to restore has a label in the file, within the model's classes."""
+    missing = [i for i in ids if i not in labels]
+    if missing:
+        raise RunError(f"{source} has no label for {len(missing)} image(s), e.g. {', '.join(missing[:3])}")
+    try:
+        class_conditioning(net, [labels[i] for i in ids], len(ids))
+    except ValueError as e:
+        raise RunError(f"{source}: {e}") from None
 
 
 def _resume(out: Path, settings: dict, overwrite: bool) -> dict[str, dict]:
@@ -364,13 +416,14 @@ class _Job:
     overlap: int | None
     rule: Any
     batch_size: int
+    labels: dict[str, int] | int | None = None  # class labels by image id, or one for all (module docstring)
 
     def restore(self, ids: list[str], y: torch.Tensor, op, tiled: bool
                 ) -> tuple[torch.Tensor, list[tuple[int, float, NFECount]]]:
         """Restore ``y`` (one size) measured by ``op``; per image (tiles, seconds, counted NFE). A batch's cost
         is shared evenly."""
         if not tiled:
-            x_hat, tally, seconds = self._timed(lambda: self._call(y, op, ids))
+            x_hat, tally, seconds = self._timed(lambda: self._call(y, op, ids, self._labels(ids)))
             return x_hat, [(1, seconds / len(ids), tally)] * len(ids)
         parts, stats = [], []
         for k, image_id in enumerate(ids):
@@ -386,15 +439,21 @@ class _Job:
 
         def restore_tiles(tiles: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
             keys_seen.extend(keys)
-            return self._call(tiles, op, [tile_id(image_id, key) for key in keys])
+            labels = self._labels([image_id] * len(keys))  # every tile is conditioned on its image's class
+            return self._call(tiles, op, [tile_id(image_id, key) for key in keys], labels)
 
         part, tally, seconds = self._timed(lambda: tiled_restore(
             restore_tiles, y, tile=self.tile, overlap=self.overlap, rule=self.rule, batch_size=self.batch_size))
         return part, (len(keys_seen), seconds, tally)
 
-    def _call(self, y: torch.Tensor, op, keys: list[str]) -> torch.Tensor:
+    def _labels(self, ids: list[str]) -> list[int] | None:
+        if self.labels is None:
+            return None
+        return [self.labels] * len(ids) if isinstance(self.labels, int) else [self.labels[i] for i in ids]
+
+    def _call(self, y: torch.Tensor, op, keys: list[str], labels: list[int] | None) -> torch.Tensor:
         gens = restoration_generators(self.seed, keys, self.device)
-        return self.meth(self.net, y, op, nfe=self.nfe, generator=gens, **self.hparams)
+        return self.meth(self.net, y, op, nfe=self.nfe, generator=gens, class_labels=labels, **self.hparams)
 
     def _timed(self, fn) -> tuple[torch.Tensor, NFECount, float]:
         """Run ``fn()`` counting the network's evaluations; returns (result, tally, seconds)."""

@@ -9,6 +9,8 @@ label ``1000 * 0.25 * ln(sigma)``, docs/methods.md#bcm-parametrisation); a wrapp
 ``noise_label="log4"`` passes NVlabs EDM's ``ln(sigma) / 4`` instead (`NOISE_LABELS`, saved with the checkpoint);
 ``noise_u`` is passed only by `BCM`. `VPEpsDenoiser` feeds a discrete VP network its (fractional) step index instead.
 A wrapper's ``provides`` names the other kinds it can stand in for (`serves`).
+Conditioning (``class_labels``, ``cond``) is passed through ``**cond`` of every call; `class_conditioning` is the
+one rule for class labels (docs/design.md#class-labels).
 
 Noise levels ``t``, ``u``, ``sigma`` are Python floats or tensors of shape ``()`` or ``(B,)``.
 Preconditioning runs in float32 (float64 inputs stay float64, which the oracle tests use); with
@@ -136,6 +138,43 @@ def check_operator(model, op) -> None:
         raise ValueError(f"this {model.kind} model was trained for operator {trained_for!r}, "
                          f"not {op.spec!r}; a supervised baseline only restores its own degradation "
                          "(train one per operator)")
+
+
+def num_classes(model) -> int:
+    """Number of classes a model's network is conditioned on (``model.net.config.num_classes``); 0 for an
+    unconditional network, a network without a config (the oracles) or no model at all."""
+    config = getattr(getattr(model, "net", None), "config", None)
+    return int(getattr(config, "num_classes", 0) or 0)
+
+
+def class_conditioning(model, class_labels, batch: int, device=None) -> dict:
+    """The keyword arguments that carry class labels to ``model``'s network, for every model call of a method
+    (``model(x, sigma, **cond)``, ``model.jump(x, t, u, **cond)``, ``extra_args=cond``): ``{"class_labels": (B,)
+    int64}`` for a class-conditional network, ``{}`` for an unconditional one.
+
+    ``class_labels``: None, one int for the whole batch, or a sequence / tensor of ``batch`` ints in
+    [0, num_classes). A conditional model without labels, or labels for an unconditional model, raise
+    ValueError: neither is ever run silently as the other.
+    """
+    classes = num_classes(model)
+    if class_labels is None:
+        if classes:
+            raise ValueError(f"this {getattr(model, 'kind', '')} model is class-conditional ({classes} classes) but "
+                             "no class labels were given: pass class_labels (restore run --class-labels FILE|INT; "
+                             "the benchmark runner takes them from a dataset with labels)")
+        return {}
+    if not classes:
+        raise ValueError(f"class labels were given but this {getattr(model, 'kind', '')} model is unconditional "
+                         "(num_classes = 0): drop the labels or use a class-conditional model")
+    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    if labels.ndim == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"class_labels must be one int or {batch} ints (one per image), "
+                         f"got shape {tuple(labels.shape)}")
+    if bool(((labels < 0) | (labels >= classes)).any()):
+        raise ValueError(f"class labels must lie in [0, {classes}) for this model, got {labels.tolist()}")
+    return {"class_labels": labels}
 
 
 class _PreconditionedModel(nn.Module):

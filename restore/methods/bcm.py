@@ -67,6 +67,7 @@ import torch
 
 from operators.utils import Generator, randn
 from restore.engine.sampling import Callback
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Float, register_method
 
 # Default (sigma_start, sigma_end) per task, untuned (module docstring), and the paper's small noise t = 0.07.
@@ -188,7 +189,7 @@ _LEVELS_SPACE = {"sigma_start": Float(0.05, 10.0, log=True), "sigma_end": Float(
 def restore_bcm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                      sigma_start: float = JPEG_LEVELS[0], sigma_end: float = JPEG_LEVELS[1],
                      noise: float = SMALL_NOISE, sigmas: Sequence[float] | None = None,
-                     extra_args: dict | None = None) -> torch.Tensor:
+                     class_labels=None) -> torch.Tensor:
     """Blind JPEG restoration with a BCM (Li & He, arXiv 2403.18035, Figure 8): start from the decoded JPEG y,
     no consistency step; ``op`` is never evaluated.
 
@@ -198,14 +199,15 @@ def restore_bcm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generat
     at quality 20); odd budgets open with our re-noise round.
     """
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
-    return invert_regenerate(model, y, rounds, None, generator=generator, callback=callback, extra_args=extra_args)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
+    return invert_regenerate(model, y, rounds, None, generator=generator, callback=callback, extra_args=cond)
 
 
 @register_method("bcm-jpeg-dc", blind=False, model="bcm", operators=("jpeg",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_jpeg_dc(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                         callback: Callback = None, sigma_start: float = JPEG_LEVELS[0],
                         sigma_end: float = JPEG_LEVELS[1], noise: float = SMALL_NOISE,
-                        sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                        sigmas: Sequence[float] | None = None, class_labels=None) -> torch.Tensor:
     """BCM JPEG restoration with data consistency: bcm-jpeg (Li & He, arXiv 2403.18035, Figure 8) plus the
     projection onto y's quantisation cells (``op.project(x, y)``) after every round.
 
@@ -215,8 +217,9 @@ def restore_bcm_jpeg_dc(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
     budgets).
     """
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     return invert_regenerate(model, y, rounds, lambda x: op.project(x, y), generator=generator, callback=callback,
-                             extra_args=extra_args)
+                             extra_args=cond)
 
 
 @register_method("bcm-inpaint", blind=False, model="bcm", operators=("box", "randbox"), default_nfe=4,
@@ -225,7 +228,7 @@ def restore_bcm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
                         callback: Callback = None, sigma_start: float = INPAINT_LEVELS[0],
                         sigma_end: float = INPAINT_LEVELS[1], noise: float = SMALL_NOISE,
                         sigmas: Sequence[float] | None = None, fill: float | None = None,
-                        first_noise: float | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                        first_noise: float | None = None, class_labels=None) -> torch.Tensor:
     """BCM box inpainting (Li & He, arXiv 2403.18035, Figure 9): start from y with the hole filled with Gaussian
     noise N(0, ``fill``^2), paste the known pixels back (``op.project(x, y)``) after every round.
 
@@ -245,14 +248,15 @@ def restore_bcm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Gene
     first_noise = max(fill, noise) if first_noise is None else float(first_noise)
     x0 = torch.where(op.mask_for(y), y, fill * _z(y, generator))
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min, first_noise)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     return invert_regenerate(model, x0, rounds, lambda x: op.project(x, y), generator=generator, callback=callback,
-                             extra_args=extra_args)
+                             extra_args=cond)
 
 
 @register_method("bcm-sr", blind=False, model="bcm", operators=("down",), default_nfe=2, space=_LEVELS_SPACE)
 def restore_bcm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                    sigma_start: float = SR_LEVELS[0], sigma_end: float = SR_LEVELS[1], noise: float = SMALL_NOISE,
-                   sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                   sigmas: Sequence[float] | None = None, class_labels=None) -> torch.Tensor:
     """BCM super-resolution: start from the pseudo-inverse ``op.pinv(y)``, apply the range-null-space projection
     ``op.project(x, y)`` = x + A^+(y - A x) (DDNM, Wang et al. 2023) after every round.
 
@@ -261,8 +265,9 @@ def restore_bcm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator
     budgets open with our re-noise round.
     """
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, noise, sigmas, model.sigma_min)
+    cond = class_conditioning(model, class_labels, y.shape[0], y.device)
     return invert_regenerate(model, op.pinv(y), rounds, lambda x: op.project(x, y), generator=generator,
-                             callback=callback, extra_args=extra_args)
+                             callback=callback, extra_args=cond)
 
 
 # --------------------------------------------------------------------------- consistency-model (one-direction) subset
@@ -271,22 +276,23 @@ _CM_SPACE = {"sigma_start": Float(0.05, 40.0, log=True), "sigma_end": Float(0.01
 
 def _cm_restore(model, x0: torch.Tensor, consistency, nfe: int, sigma_start: float, sigma_end: float,
                 sigmas: Sequence[float] | None, generator: Generator, callback: Callback,
-                extra_args: dict | None) -> torch.Tensor:
+                class_labels) -> torch.Tensor:
     rounds = restoration_rounds(nfe, sigma_start, sigma_end, sigmas=sigmas, sigma_min=model.sigma_min,
                                 renoise_only=True)
+    cond = class_conditioning(model, class_labels, x0.shape[0], x0.device)
     return invert_regenerate(model, x0, rounds, consistency, generator=generator, callback=callback,
-                             extra_args=extra_args)
+                             extra_args=cond)
 
 
 @register_method("cm-jpeg", blind=True, model="cm", operators=("jpeg",), default_nfe=2, space=_CM_SPACE)
 def restore_cm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                     sigma_start: float = JPEG_LEVELS[0], sigma_end: float = JPEG_LEVELS[1],
-                    sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                    sigmas: Sequence[float] | None = None, class_labels=None) -> torch.Tensor:
     """The consistency-model baseline of bcm-jpeg: CM multistep sampling (Song et al. 2023, Algorithm 1) started
     from the decoded JPEG, i.e. ``nfe`` rounds x = f(x + sigma_s z, sigma_s, sigma_min) at geometric levels, blind.
     Runs on a CM (one direction only) or a BCM. Deviations: Algorithm 1 adds sqrt(sigma_s^2 - sigma_min^2) z
     (here sigma_s z, as bcm-jpeg's re-noise round); the levels (0.5 -> 0.2) are untuned."""
-    return _cm_restore(model, y, None, nfe, sigma_start, sigma_end, sigmas, generator, callback, extra_args)
+    return _cm_restore(model, y, None, nfe, sigma_start, sigma_end, sigmas, generator, callback, class_labels)
 
 
 @register_method("cm-inpaint", blind=False, model="cm", operators=("box", "randbox", "randmask"), default_nfe=4,
@@ -294,7 +300,7 @@ def restore_cm_jpeg(model, y: torch.Tensor, op, *, nfe: int, generator: Generato
 def restore_cm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                        callback: Callback = None, sigma_start: float = INPAINT_LEVELS[0],
                        sigma_end: float = INPAINT_LEVELS[1], sigmas: Sequence[float] | None = None,
-                       fill: float | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                       fill: float | None = None, class_labels=None) -> torch.Tensor:
     """Consistency-model inpainting, the zero-shot editing loop of Song et al. 2023 (Algorithm 4): re-noise to
     sigma_s, jump to sigma_min, paste the known pixels back (``op.project``), at decreasing levels; the hole
     starts as N(0, ``fill``^2) noise (default sigma_data). Deviations: the paper anneals over its sampling levels
@@ -303,15 +309,15 @@ def restore_cm_inpaint(model, y: torch.Tensor, op, *, nfe: int, generator: Gener
     fill = model.sigma_data if fill is None else float(fill)
     x0 = torch.where(op.mask_for(y), y, fill * _z(y, generator))
     return _cm_restore(model, x0, lambda x: op.project(x, y), nfe, sigma_start, sigma_end, sigmas, generator,
-                       callback, extra_args)
+                       callback, class_labels)
 
 
 @register_method("cm-sr", blind=False, model="cm", operators=("down",), default_nfe=2, space=_CM_SPACE)
 def restore_cm_sr(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None, callback: Callback = None,
                   sigma_start: float = SR_LEVELS[0], sigma_end: float = SR_LEVELS[1],
-                  sigmas: Sequence[float] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+                  sigmas: Sequence[float] | None = None, class_labels=None) -> torch.Tensor:
     """Consistency-model super-resolution (Song et al. 2023, Algorithm 4 with the range-null-space projection of
     bcm-sr): start from ``op.pinv(y)``, re-noise, jump down, project ``op.project(x, y)``, at decreasing levels
     (1.0 -> 0.2, untuned); sigma_s z as bcm-sr's re-noise round."""
     return _cm_restore(model, op.pinv(y), lambda x: op.project(x, y), nfe, sigma_start, sigma_end, sigmas,
-                       generator, callback, extra_args)
+                       generator, callback, class_labels)

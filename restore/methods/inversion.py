@@ -40,6 +40,7 @@ from restore.engine.exact_inversion import (
 )
 from restore.engine.sampling import Callback
 from restore.engine.schedules import karras_sigmas
+from restore.engine.wrappers import class_conditioning
 from restore.methods import Choice, Float, register_method
 
 METHODS = ("bdia", "edict", "ddim")
@@ -72,7 +73,7 @@ def inversion_nfe(method: str, steps: int) -> int:
 def restore_bdia_restore(model, y: torch.Tensor, op, *, nfe: int, generator: Generator = None,
                          callback: Callback = None, method: str = "bdia", sigma_s: float = 5.0,
                          sigma_in: float = 0.07, noise: float = 0.07, gamma: float | str = "obelm", p: float = 0.93,
-                         dc: str = "step", extra_args: dict | None = None) -> torch.Tensor:
+                         dc: str = "step", class_labels=None) -> torch.Tensor:
     """Exact diffusion inversion (BDIA / EDICT; DDIM for reference) to sigma_s, then regeneration with data
     consistency (module docstring). ``nfe``: budget; the counted NFE is `inversion_nfe(method,
     inversion_steps(method, nfe))` <= nfe (inversion + regeneration + 1 final step; minimum 1).
@@ -103,7 +104,7 @@ def restore_bdia_restore(model, y: torch.Tensor, op, *, nfe: int, generator: Gen
         return op.project(model(z, sigma, **kwargs), y)
 
     denoiser = consistent if dc == "step" else model
-    kw = {"callback": callback, "extra_args": extra_args}
+    kw = {"callback": callback, "extra_args": class_conditioning(model, class_labels, y.shape[0], y.device)}
     if steps > 0:
         down = karras_sigmas(steps + 1, sigma_in, sigma_s, append_zero=False, device=x.device)
         up = down.flip(0)

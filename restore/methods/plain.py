@@ -13,7 +13,7 @@ bicubic upsampling (model="none", 0 NFE; docs/methods.md#plain-references "sanit
   antialias=False)`` (Keys a = -0.75, PyTorch's default) — the classic SR baseline, independent of
   the kernel that downsampled.
 
-All three ignore ``model``, ``nfe``, ``generator`` and ``callback``.
+All three ignore ``model``, ``nfe``, ``generator``, ``callback`` and ``class_labels`` (no network to condition).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ PLAIN_OPERATORS = ("jpeg", "box", "randbox", "randmask", "down", "blur")
 
 
 @register_method("identity", blind=True, model="none", operators=PLAIN_OPERATORS, default_nfe=0)
-def restore_identity(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None) -> torch.Tensor:
+def restore_identity(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None,
+                     class_labels=None) -> torch.Tensor:
     """The degraded input itself (down: nearest-neighbour upsampling to the clean size)."""
     if op.name == "down":
         return F.interpolate(y, scale_factor=op.params["factor"], mode="nearest")
@@ -35,12 +36,14 @@ def restore_identity(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None
 
 
 @register_method("pinv", blind=False, model="none", operators=PLAIN_OPERATORS, default_nfe=0)
-def restore_pinv(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None) -> torch.Tensor:
+def restore_pinv(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None,
+                 class_labels=None) -> torch.Tensor:
     """The operator's pseudo-inverse op.pinv(y) (JPEG: the decoded image)."""
     return op.pinv(y)
 
 
 @register_method("bicubic", blind=True, model="none", operators=("down",), default_nfe=0)
-def restore_bicubic(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None) -> torch.Tensor:
+def restore_bicubic(model, y: torch.Tensor, op, *, nfe: int = 0, generator=None, callback=None,
+                    class_labels=None) -> torch.Tensor:
     """Bicubic upsampling by the operator's factor (PyTorch, no antialiasing)."""
     return F.interpolate(y, scale_factor=op.params["factor"], mode="bicubic", align_corners=False, antialias=False)

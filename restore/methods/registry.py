@@ -1,8 +1,8 @@
 """The registry of restoration methods shared by `restore run`, Python users and the benchmark
 (docs/design.md#the-method-contract).
 
-A method is one function ``restore_<name>(model, y, op, *, nfe, generator=None, callback=None, **hparams)
--> x_hat`` (images in [-1, 1]) registered with :func:`register_method`, which records what the CLI and
+A method is one function ``restore_<name>(model, y, op, *, nfe, generator=None, callback=None, class_labels=None,
+**hparams) -> x_hat`` (images in [-1, 1]) registered with :func:`register_method`, which records what the CLI and
 the benchmark need to know about it: whether it is blind (never evaluates ``op``, only uses it to know the
 task), which operators it supports, which model wrapper it needs and its default NFE.
 
@@ -65,12 +65,14 @@ class Method:
         """Whether the method handles operator ``op`` (by its registered name)."""
         return self.operators is None or op.name in self.operators
 
-    def __call__(self, model, y, op, *, nfe: int | None = None, generator=None, callback=None, **hparams):
+    def __call__(self, model, y, op, *, nfe: int | None = None, generator=None, callback=None, class_labels=None,
+                 **hparams):
         if not self.supports(op):
             raise ValueError(f"method {self.name!r} does not support operator {op.name!r}; "
                              f"it supports: {', '.join(self.operators)}")
         nfe = self.default_nfe if nfe is None else nfe
-        return self.fn(model, y, op, nfe=nfe, generator=generator, callback=callback, **hparams)
+        return self.fn(model, y, op, nfe=nfe, generator=generator, callback=callback, class_labels=class_labels,
+                       **hparams)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "blind": self.blind, "operators": list(self.operators) if self.operators else "any",
@@ -94,6 +96,11 @@ def register_method(name: str, *, blind: bool, model: str, operators: tuple[str,
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].fn.__module__}")
         text = description or (fn.__doc__ or "").strip().split("\n")[0]
         params = inspect.signature(fn).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        # The contract: labels reach every model call (restore.engine.wrappers.class_conditioning).
+        if "class_labels" not in params and not takes_any:
+            raise ValueError(f"method {name!r}: {fn.__name__} must take the keyword class_labels (None for "
+                             "unconditional models; see restore.engine.wrappers.class_conditioning)")
         unknown = sorted(set(space or {}) - set(params))
         if unknown:
             raise ValueError(f"method {name!r}: search space names {', '.join(unknown)}, not keywords of {fn.__name__}")
