@@ -44,7 +44,7 @@ def test_builtin_suites_load_and_list():
     assert set(listed["cifar10-jpeg"]["operators"]) == {"jpeg:quality=10", "jpeg:quality=20"}
     paper = load_suite("bcm-paper-jpeg")
     assert paper.operators == ("jpeg:quality=20",) and "fid" in paper.metrics
-    assert {n for m in paper.methods if m.model for n in m.nfe} == {2, 3, 4}
+    assert {n for m in paper.methods if m.model == "bcm" for n in m.nfe} == {1, 2, 3, 4} and paper.class_labels
 
 
 def test_unknown_keys_list_the_valid_ones():

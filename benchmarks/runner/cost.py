@@ -99,6 +99,7 @@ class _StandIn(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.real = net  # a submodule, so the wrapper still sees the network's dtype
+        self.config = getattr(net, "config", None)  # what the methods read (e.g. num_classes)
         self.network: Network | None = None
         self._channels = 0
 
@@ -129,7 +130,8 @@ def _probe(cell: Cell, model: nn.Module, stand_in: _StandIn, x: torch.Tensor, im
     try:
         grad = torch.enable_grad() if method.needs_grad else torch.inference_mode()
         with grad, model.counter.counting() as tally:
-            method(model, y, op, nfe=cell.nfe, generator=gens.method, **cell.hparams)
+            labels = torch.zeros(1, dtype=torch.long, device=device) if cell.class_labels else None
+            method(model, y, op, nfe=cell.nfe, generator=gens.method, class_labels=labels, **cell.hparams)
     finally:
         model.net = real
     return tally.forward, tally.backward
