@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import shared_file
 
 from benchmarks.cli import main as bench_main
 from benchmarks.runner import run_suite
@@ -27,7 +28,6 @@ from restore.engine.checkpoints import save_model
 from restore.engine.networks import UNet, UNetConfig, count_parameters
 from restore.engine.wrappers import VPEpsDenoiser, get_wrapper
 from restore.methods import get_method
-from conftest import shared_file
 
 
 def _random(net: UNet, seed: int) -> UNet:
