@@ -51,6 +51,7 @@ from restore.engine.wrappers import (
     _PreconditionedModel,
     append_dims,
     check_operator,
+    check_range,
     class_conditioning,
     register_wrapper,
 )
@@ -176,11 +177,8 @@ class I2SB(_PreconditionedModel):
         op = build_operator(operator)
         default_beta, default_ot = TASK_DEFAULTS.get(op.name, (0.3, False))
         schedule = BridgeSchedule(float(default_beta if beta_max is None else beta_max), int(interval))
-        ends = (float(schedule.std_fwd[0]), float(schedule.std_fwd[-1]))
-        for given, value in zip((sigma_min, sigma_max), ends):
-            if given is not None and abs(given - value) > 1e-9 * value:
-                raise ValueError(f"sigma_min/sigma_max {sigma_min}, {sigma_max} do not match the bridge schedule "
-                                 f"{ends}")
+        ends = check_range((sigma_min, sigma_max), (float(schedule.std_fwd[0]), float(schedule.std_fwd[-1])),
+                           "the bridge schedule", rtol=1e-9)
         super().__init__(net, sigma_data=sigma_data, sigma_min=ends[0], sigma_max=ends[1],
                          autocast_dtype=autocast_dtype)
         self.operator = op.spec

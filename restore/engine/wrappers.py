@@ -74,6 +74,16 @@ def serves(model_or_name, required: str) -> bool:
     return required == getattr(model_or_name, "kind", None) or required in getattr(model_or_name, "provides", ())
 
 
+def check_range(given: tuple[float | None, float | None], ends: tuple[float, float], what: str,
+                rtol: float = 1e-6) -> tuple[float, float]:
+    """``ends``, the (sigma_min, sigma_max) a wrapper's schedule fixes, after checking that the ``given`` ones (None:
+    not given, e.g. from a checkpoint) agree with them."""
+    for g, value in zip(given, ends):
+        if g is not None and abs(g - value) > rtol * value:
+            raise ValueError(f"sigma_min/sigma_max {given[0]}, {given[1]} do not match {what}'s range {ends}")
+    return ends
+
+
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """Append trailing singleton dimensions so that ``v`` broadcasts against an ``ndim`` tensor."""
     if v.ndim > ndim:
@@ -342,11 +352,7 @@ class VPEpsDenoiser(_PreconditionedModel):
                  sigma_max: float | None = None, sigma_data: float = SIGMA_DATA,
                  autocast_dtype: torch.dtype | None = None):
         sigmas = vp_schedule_sigmas(schedule, int(steps))
-        ends = (float(sigmas[0]), float(sigmas[-1]))
-        for given, value in zip((sigma_min, sigma_max), ends):
-            if given is not None and abs(given - value) > 1e-6 * value:
-                raise ValueError(f"sigma_min/sigma_max {sigma_min}, {sigma_max} do not match the {schedule} "
-                                 f"schedule's range {ends}")
+        ends = check_range((sigma_min, sigma_max), (float(sigmas[0]), float(sigmas[-1])), f"the {schedule} schedule")
         super().__init__(net, sigma_data=sigma_data, sigma_min=ends[0], sigma_max=ends[1],
                          autocast_dtype=autocast_dtype)
         self.schedule, self.steps = schedule, int(steps)

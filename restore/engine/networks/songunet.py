@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from operators.utils import image_seed
+from restore.engine.networks.config import NetworkConfig
 from restore.engine.networks.layers import SyncDropout
 
 EMBEDDINGS = ("positional", "fourier")
@@ -40,7 +41,7 @@ def group_count(channels: int) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SongUNetConfig:
+class SongUNetConfig(NetworkConfig):
     """Architecture of a `SongUNet` (EDM's constructor arguments, same names and defaults); stored in checkpoints.
 
     ``attn_resolutions`` are feature-map sizes; the lowest level's first decoder block always attends (EDM's
@@ -96,35 +97,12 @@ class SongUNetConfig:
             raise ValueError("in/out channels must be positive, label_dim and augment_dim non-negative")
 
     @property
-    def level_resolutions(self) -> tuple[int, ...]:
-        return tuple(self.img_resolution >> level for level in range(len(self.channel_mult)))
-
-    @property
     def num_classes(self) -> int:
         """Class count under the ADM config's name (``label_dim``)."""
         return self.label_dim
 
     cond_channels = 0  # no concatenated condition input (the ADM config's field, for callers that check it)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for name in ("channel_mult", "attn_resolutions", "resample_filter"):
-            d[name] = list(d[name])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SongUNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SongUNetConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> SongUNetConfig:
-        if name not in SONG_PRESETS:
-            raise ValueError(f"unknown SongUNet preset {name!r}; known: {sorted(SONG_PRESETS)}")
-        return dataclasses.replace(SONG_PRESETS[name], **overrides)
+    family = "SongUNet"  # not a field: the name in NetworkConfig's messages
 
 
 # EDM's CIFAR-10 networks (train.py --arch=ddpmpp|ncsnpp with the defaults --dropout=0.13 --augment=0.12, which sets
@@ -142,6 +120,7 @@ SONG_PRESETS: dict[str, SongUNetConfig] = {
     "cifar10-ncsnpp": _CIFAR10_NCSNPP,
     "cifar10-ncsnpp-cond": dataclasses.replace(_CIFAR10_NCSNPP, label_dim=10),
 }
+SongUNetConfig.presets = SONG_PRESETS
 
 
 def _xavier(layer: nn.Module, fan_in: int, fan_out: int, gain: float = 1.0) -> nn.Module:

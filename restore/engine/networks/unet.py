@@ -13,12 +13,12 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from operators.utils import image_seed
+from restore.engine.networks.config import NetworkConfig
 from restore.engine.networks.layers import (
     AttentionBlock,
     Downsample,
@@ -35,7 +35,7 @@ LOWRES_MAX = 16  # official "dropout_highres" applies at 16x16, 8x8 and the midd
 
 
 @dataclass(frozen=True, kw_only=True)
-class UNetConfig:
+class UNetConfig(NetworkConfig):
     """Architecture of a `UNet`; stored verbatim in checkpoints (`to_dict` / `from_dict`).
 
     ``attention_resolutions`` are feature-map sizes (e.g. (16, 8)), not ADM's downsampling factors.
@@ -63,6 +63,7 @@ class UNetConfig:
     resblock_updown: bool = True
     qkv_norm: bool = True
     scale_shift_norm: bool = False
+    family = "UNet"  # not a field: the name in NetworkConfig's messages
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -90,10 +91,6 @@ class UNetConfig:
             raise ValueError("in/out channels must be positive, cond_channels and num_classes non-negative")
 
     @property
-    def level_resolutions(self) -> tuple[int, ...]:
-        return tuple(self.img_resolution >> level for level in range(len(self.channel_mult)))
-
-    @property
     def emb_channels(self) -> int:
         return 4 * self.model_channels
 
@@ -102,27 +99,6 @@ class UNetConfig:
         # exactly "resolution <= 16" for its 64px / 4-level net; the resolution rule generalises it.
         lowres = self.dropout if self.dropout_lowres is None else self.dropout_lowres
         return lowres if resolution <= LOWRES_MAX else self.dropout
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> UNetConfig:
-        """A named architecture with optional field overrides, e.g. ``preset("cifar-small", bidirectional=True)``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown UNet preset {name!r}; known: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
 
 
 _IMAGENET64 = UNetConfig(
@@ -147,6 +123,7 @@ PRESETS: dict[str, UNetConfig] = {
         attention_resolutions=(8,), num_head_channels=64,
     ),
 }
+UNetConfig.presets = PRESETS
 
 
 class UNet(nn.Module):
