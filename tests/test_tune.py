@@ -78,5 +78,11 @@ def test_tune_gives_every_cell_the_same_trials_and_writes_a_runnable_suite(suite
     frame = pd.read_csv(tmp_path / "run" / "results.csv")
     assert set(frame["method"]) == {"identity", "tune-test-scale (tuned)"} and set(frame["image_id"]) == {
         f"im{i}.png" for i in range(4)}
+    # reproducible from its record: the same settings in a fresh folder choose the same values (seeded TPE)
+    fresh = ["tune", str(suite_file), "--out", str(tmp_path / "again"), "--trials", str(record["trials_per_cell"]),
+             "--held-out-images", str(record["held_out"]["images"])]
+    assert CliRunner().invoke(main, fresh).exit_code == 0
+    redo = tomllib.loads((tmp_path / "again" / "suite-tuned.toml").read_text())["tuning"]
+    assert [c["best_params"] for c in redo["cells"]] == [c["best_params"] for c in record["cells"]]
     bad = CliRunner().invoke(main, [*args[:4], "--objective", "lpips"])
     assert bad.exit_code != 0 and "unknown objective" in bad.output
