@@ -6,6 +6,7 @@ PF-ODE flow map of Gaussian data (restore.engine.oracles.GaussianFlow) for what 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -44,6 +45,21 @@ def images(n: int = 16, res: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- loop
+
+def test_runs_saved_before_a_new_network_field_resume(tmp_path):
+    """A run folder written before a UNetConfig field existed (here scale_shift_norm) resumes when the requested
+    value is the field's default, and is refused when it is not."""
+    config = TrainConfig(steps=4, batch=4, lr=1e-3, ckpt_every=2, log_every=1)
+    train(EDMDenoiser(tiny_net(False)), EDMLoss(), images(), config, tmp_path, max_steps=2, progress=False)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    del stored["model"]["net"]["scale_shift_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert train(EDMDenoiser(tiny_net(False)), EDMLoss(), images(), config, tmp_path, progress=False).step == 4
+    changed = UNet(dataclasses.replace(tiny_net(False).config, scale_shift_norm=True))
+    with pytest.raises(ValueError, match="scale_shift_norm"):
+        train(EDMDenoiser(changed), EDMLoss(), images(), dataclasses.replace(config, steps=6), tmp_path,
+              progress=False)
+
 
 def test_resume_is_bit_exact(tmp_path):
     """6 steps in one go == 3 steps + resume + 3 steps: weights, EMA and optimizer state, exactly."""

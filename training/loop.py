@@ -156,8 +156,13 @@ def _describe(model: nn.Module, loss, data: ImageData, config: TrainConfig, meta
     }
 
 
-def _check_resume(old: dict, new: dict) -> None:
-    """Raise ValueError listing every recipe difference between the stored and the requested config."""
+def _check_resume(old: dict, new: dict, net_config=None) -> None:
+    """Raise ValueError listing every recipe difference between the stored and the requested config.
+
+    The network configs are compared as ``net_config``'s class reads them (`NetworkConfig.from_dict`), so a run
+    saved before a config field existed resumes when the requested value is that field's default."""
+    if net_config is not None and (old.get("model") or {}).get("net") is not None:
+        old = {**old, "model": {**old["model"], "net": type(net_config).from_dict(old["model"]["net"]).to_dict()}}
     diffs = []
     for section in ("train", "loss", "model", "data"):
         a, b = old.get(section) or {}, new.get(section) or {}
@@ -208,7 +213,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
     step, images = 0, 0
     if has_state(run_dir):
         stored = json.loads(config_path.read_text())
-        _check_resume(stored, described)
+        _check_resume(stored, described, getattr(getattr(model, "net", None), "config", None))
         compute = stored.get("compute") or compute  # measured when the run started (absent in older runs)
         state = load_state(run_dir, model=model, ema=ema, optimizer=optimizer)
         step, images = state["step"], state["images"]
