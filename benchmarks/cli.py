@@ -376,8 +376,9 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
                .pivot(index="nfe", columns="metric", values="value"))
     text = summary.to_markdown(floatfmt=".4g")
     (out / "summary.md").write_text(text + "\n")
-    # {metric: {nfe: mean}}: the form model cards take (`restore-train export --metrics`)
-    means = {m: {f"{k:g}": round(v, 6) for k, v in col.dropna().items()} for m, col in summary.items()}
+    # {metric: {nfe: mean}} to 6 significant digits (inversion MSEs go far below 1e-6): the form model cards take
+    # (`restore-train export --metrics`)
+    means = {m: {f"{k:g}": float(f"{v:.6g}") for k, v in col.dropna().items()} for m, col in summary.items()}
     record = {"n": n, "data": data, "num_classes": num_classes(net), **means}
     if labels is not None:
         record["class_labels"] = "class_labels.csv"

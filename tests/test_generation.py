@@ -105,5 +105,7 @@ def test_generation_command_end_to_end(tmp_path, monkeypatch, single_thread):
     assert len(inversion) == 6 and set(inversion.nfe) == {2}  # one jump up, one down
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["fid"]) == {"1", "2"} and set(summary["inversion_mse"]) == {"2"}
+    # 6 significant digits, not 6 decimals: small inversion errors keep their value
+    assert summary["inversion_mse"]["2"] == pytest.approx(inversion.value.mean(), rel=1e-5)
     for name in ("samples_nfe1.png", "samples_nfe2.png", "inversion.png", "summary.md"):
         assert (tmp_path / "out" / name).is_file()
