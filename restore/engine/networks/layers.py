@@ -9,10 +9,14 @@ Submodule names and `nn.Sequential` positions follow the official code exactly (
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from operators.utils import image_seed
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -74,6 +78,20 @@ class SyncDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, index={self.index}"
+
+
+@contextmanager
+def replay_dropout(dropouts: list[SyncDropout], seed: int) -> Iterator[None]:
+    """Within the block, every forward pass of ``dropouts`` draws the same masks: each layer's seed is derived from
+    (``seed``, its index); the previous seeds come back afterwards (the networks' ``dropout_seed``)."""
+    previous = [m.seed for m in dropouts]
+    for m in dropouts:
+        m.seed = image_seed(seed, f"dropout/{m.index}")
+    try:
+        yield
+    finally:
+        for m, s in zip(dropouts, previous):
+            m.seed = s
 
 
 class ResBlock(nn.Module):

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators.utils import image_seed
 from restore.engine.networks.config import NetworkConfig
-from restore.engine.networks.layers import SyncDropout
+from restore.engine.networks.layers import SyncDropout, replay_dropout
 
 EMBEDDINGS = ("positional", "fourier")
 ENCODERS = ("standard", "skip", "residual")
@@ -360,14 +359,8 @@ class SongUNet(nn.Module):
     @contextmanager
     def dropout_seed(self, seed: int) -> Iterator[None]:
         """Replayable dropout masks within the block, as `restore.engine.networks.unet.UNet.dropout_seed`."""
-        previous = [m.seed for m in self._dropouts]
-        for m in self._dropouts:
-            m.seed = image_seed(seed, f"dropout/{m.index}")
-        try:
+        with replay_dropout(self._dropouts, seed):
             yield
-        finally:
-            for m, s in zip(self._dropouts, previous):
-                m.seed = s
 
     def _one_hot(self, class_labels: torch.Tensor, batch: int) -> torch.Tensor:
         n = self.config.label_dim

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from operators.utils import image_seed
 from restore.engine.networks.config import NetworkConfig
 from restore.engine.networks.layers import (
     AttentionBlock,
@@ -27,6 +26,7 @@ from restore.engine.networks.layers import (
     ResBlock,
     SyncDropout,
     Upsample,
+    replay_dropout,
     timestep_embedding,
     zero_module,
 )
@@ -204,14 +204,8 @@ class UNet(nn.Module):
         Replaces the official code's re-seeding of the global RNG (docs/methods.md#bct): the online and
         stop-gradient passes of consistency training share masks; the global RNG is not touched.
         """
-        previous = [m.seed for m in self._dropouts]
-        for m in self._dropouts:
-            m.seed = image_seed(seed, f"dropout/{m.index}")
-        try:
+        with replay_dropout(self._dropouts, seed):
             yield
-        finally:
-            for m, s in zip(self._dropouts, previous):
-                m.seed = s
 
     def _embed(self, noise: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
         noise = torch.as_tensor(noise, device=device).reshape(-1).expand(batch)
