@@ -252,8 +252,9 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
               help="Replace a model alias of the suite (repeatable).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the TPE sampler.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+@acceleration_options
 def tune(suite: str, out: Path, trials: int, objective: str, held_out_images: int, held_out_start: int | None,
-         held_out_split: str | None, models: dict[str, str], seed: int, device: str | None) -> None:
+         held_out_split: str | None, models: dict[str, str], seed: int, device: str | None, acceleration) -> None:
     """Tune every method of SUITE with the same effort (benchmarks.tune): per (method, operator, NFE) cell, TRIALS
     trials of Optuna's TPE over the space the method declares, on held-out images that never overlap the
     evaluation images; writes OUT/SUITE-tuned.toml, which `restore-bench run` takes as it is.
@@ -270,7 +271,7 @@ def tune(suite: str, out: Path, trials: int, objective: str, held_out_images: in
         loaded = load_suite(suite).with_models(models)
         dst = tune_suite(loaded, out, trials=trials, objective=objective, held_out_images=held_out_images,
                          held_out_start=held_out_start, held_out_split=held_out_split, seed=seed, device=device,
-                         echo=lambda line: click.echo(line, err=True))
+                         acceleration=acceleration, echo=lambda line: click.echo(line, err=True))
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     click.echo(json.dumps({"tuned_suite": str(dst)}))

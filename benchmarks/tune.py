@@ -17,8 +17,10 @@ trials are kept and each study runs only its missing trials (the sampler's rando
 trials after a resume may differ from those of an uninterrupted run; the record keeps every trial). The result is
 a suite file, ``OUT/<suite>-tuned.toml``: the suite with each tuned cell as its own ``[[methods]]`` entry labelled
 ``<label> (tuned)`` (so tables mark it), its chosen values as ``hparams``, and a ``[tuning]`` table with the
-provenance (held-out images, objective, trials, best and default values per cell); ``restore-bench run`` takes it
-as it is. ``OUT/trials.csv`` lists every trial.
+provenance (held-out images, objective, trials, best and default values per cell, the speed options, and the
+weights sha256 of every model the tuned cells ran on); ``restore-bench run`` takes it as it is, and warns when it
+loads other weights for a model alias (tuned values are specific to the model). ``OUT/trials.csv`` lists every
+trial.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pandas as pd
 
 from benchmarks.metrics import METRICS
 from benchmarks.suites import MethodEntry, Suite, load_suite
+from restore.engine.acceleration import OFF, Acceleration
 from restore.methods import Choice, Float, get_method
 from restore.runtime.files import write_csv_atomic, write_text_atomic
 
@@ -90,8 +93,9 @@ def _score(path: Path, objective: str) -> float:
 
 def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: str = "psnr",
                held_out_images: int = 100, held_out_start: int | None = None, held_out_split: str | None = None,
-               seed: int = 0, device: str | None = None, echo=print) -> Path:
-    """Tune every cell of ``suite`` (see the module docstring) into ``out``; returns the tuned suite file."""
+               seed: int = 0, device: str | None = None, acceleration: Acceleration = OFF, echo=print) -> Path:
+    """Tune every cell of ``suite`` (see the module docstring) into ``out``; returns the tuned suite file.
+    ``acceleration`` speeds the trials' networks up and is recorded (rounding only, as in the runner)."""
     import optuna
     import tomli_w
     from optuna.storages import JournalStorage
@@ -126,7 +130,8 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
             values = _sample(trial, space)
             cell = replace(entry, nfe=(nfe,), operators=(op,), hparams={**entry.hparams, **values})
             folder = out / "trials" / slug(study_name) / f"{trial.number:04d}"
-            run_suite(replace(heldout, operators=(op,), methods=(cell,)), folder, progress=False, device=device)
+            run_suite(replace(heldout, operators=(op,), methods=(cell,)), folder, progress=False, device=device,
+                      acceleration=acceleration)
             return _score(folder, objective)
 
         left = trials - sum(t.state.is_finished() for t in study.trials)  # an enqueued trial is still waiting
@@ -152,7 +157,8 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
     write_csv_atomic(pd.DataFrame(rows), out / "trials.csv")
     document = _tuned_document(suite, tuned_entries, {
         "objective": objective, "direction": direction, "trials_per_cell": trials, "sampler": "optuna TPE",
-        "seed": seed, "optuna": optuna.__version__,
+        "seed": seed, "optuna": optuna.__version__, "acceleration": acceleration.to_dict(),
+        "models": _tuned_models(suite, [entry for entry, *_ in tuned_entries]),
         "held_out": {"dataset": heldout.dataset, "split": heldout.split or "", "start": heldout.start,
                      "images": heldout.images},
         "cells": records})
@@ -160,6 +166,14 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
     write_text_atomic(tomli_w.dumps(document), dst)
     load_suite(dst)  # the file must load as a suite as it is
     return dst
+
+
+def _tuned_models(suite: Suite, entries: list[MethodEntry]) -> dict[str, str]:
+    """Model alias -> weights sha256 of the models the tuned cells ran on (the runner warns when a run of the tuned
+    suite loads other weights: `benchmarks.runner.plan.tuning_mismatches`)."""
+    from restore.engine.checkpoints import resolve_model_path, weights_sha256
+
+    return {e.model: weights_sha256(resolve_model_path(suite.model_ref(e))) for e in entries if suite.model_ref(e)}
 
 
 def _defaults(entry: MethodEntry, space: dict) -> dict[str, Any]:

@@ -86,3 +86,20 @@ def test_tune_gives_every_cell_the_same_trials_and_writes_a_runnable_suite(suite
     assert [c["best_params"] for c in redo["cells"]] == [c["best_params"] for c in record["cells"]]
     bad = CliRunner().invoke(main, [*args[:4], "--objective", "lpips"])
     assert bad.exit_code != 0 and "unknown objective" in bad.output
+
+
+def test_a_tuned_suite_run_on_other_weights_is_flagged(suite_file):
+    """Tuned values belong to the weights they were tuned on: the plan names every alias whose weights differ."""
+    from benchmarks.runner.plan import make_plan
+    from restore.engine.checkpoints import weights_sha256
+
+    base = {"dataset": load_suite(suite_file).dataset, "operators": ["box:size=4"], "models": {"edm": "edm-cifar10"},
+            "methods": [{"name": "ddnm", "model": "edm", "nfe": [1]}]}
+    same = {"models": {"edm": weights_sha256("edm-cifar10")}}
+    assert make_plan(parse_suite({**base, "tuning": same}, "same"), limit=1).tuning_mismatches == ()
+    other = make_plan(parse_suite({**base, "tuning": {"models": {"edm": "0" * 64}}}, "other"), limit=1)
+    assert len(other.tuning_mismatches) == 1 and "'edm'" in other.tuning_mismatches[0]
+    with pytest.warns(UserWarning, match="tuned on other weights"):
+        summary = run_suite(parse_suite({**base, "tuning": {"models": {"edm": "0" * 64}}}, "other"),
+                            suite_file.parent / "run-other", limit=1, progress=False)
+    assert summary["tuning_mismatches"] == list(other.tuning_mismatches)

@@ -183,6 +183,7 @@ class Plan:
     rank: int = 0
     world_size: int = 1
     image_set_key: str = ""  # set_key(suite, ids)
+    tuning_mismatches: tuple[str, ...] = ()  # see tuning_mismatches
 
     @property
     def mine(self) -> list[int]:
@@ -207,4 +208,19 @@ def make_plan(suite: Suite, limit: int | None = None, rank: int = 0, world_size:
     n = min(left, suite.images or left, limit or left)
     indices = tuple(range(suite.start, suite.start + n))
     ids = tuple(dataset.image_id(i) for i in indices)
-    return Plan(suite, dataset, tuple(cells), indices, ids, rank, world_size, set_key(suite, list(ids)))
+    return Plan(suite, dataset, tuple(cells), indices, ids, rank, world_size, set_key(suite, list(ids)),
+                tuning_mismatches(suite, cells))
+
+
+def tuning_mismatches(suite: Suite, cells: list[Cell]) -> tuple[str, ...]:
+    """One line per model alias whose weights differ from those ``restore-bench tune`` chose the suite's values on
+    (``[tuning.models]``: alias -> weights sha256): tuned hyper-parameters are specific to the model."""
+    shas = {c.model: c.model_sha for c in cells}
+    out = []
+    for alias, tuned_sha in suite.tuning.get("models", {}).items():
+        ref = suite.models.get(alias)
+        sha = shas.get(ref)
+        if sha is not None and sha != tuned_sha:
+            out.append(f"suite {suite.name!r} was tuned on other weights for model {alias!r} (sha256 "
+                       f"{tuned_sha[:12]}...) than {ref} ({sha[:12]}...): its tuned values may not fit")
+    return tuple(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
     else:
         (rank, world), dev = shard, torch.device(device or "cpu")
     plan = make_plan(suite, limit, rank, world)  # every configuration error before anything is written
+    for line in plan.tuning_mismatches if rank == 0 else ():
+        warnings.warn(line, stacklevel=2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     finished = Finished.read(out)
@@ -69,7 +72,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
     summary = {"suite": suite.name, "out": str(out), "cells": len(plan.cells), "images": len(plan.ids), "rank": rank,
                "world_size": world, "images_restored": done.images_restored,
                "method_seconds": round(done.method_seconds, 3), "wall_seconds": round(time.perf_counter() - wall, 3),
-               "failures": failures}
+               "failures": failures, "tuning_mismatches": list(plan.tuning_mismatches)}
     if rank == 0:
         _write_records(plan, out, dev, limit, summary, acceleration)
     return summary
