@@ -171,24 +171,25 @@ def models(suite: str, models: dict, reference: str | None, as_json: bool, stric
 
 
 @main.command()
-@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead of stdout.")
-def table(results: Path, fmt: str, out: Path | None) -> None:
-    """Paper tables from RESULTS (a run folder or its results.csv): method x NFE by metric, per operator.
+def table(results: tuple[Path, ...], fmt: str, out: Path | None) -> None:
+    """Paper tables from RESULTS (run folders or their results.csv): method x NFE by metric, per operator.
 
     Per-image metrics as mean +- 95% CI, FID/KID per cell, wall time (s/image) and parameter count;
-    the best value of each column in bold.
+    the best value of each column in bold. Several runs make one table (a cell they share is shown once).
 
     \b
-    Example:
+    Examples:
       restore-bench table results/cifar10-jpeg --format latex --out table.tex
+      restore-bench table results/jpeg results/jpeg-tuned    # default and tuned cells side by side
     """
-    from benchmarks.tables import load_results, render
+    from benchmarks.tables import load_runs, render
 
     try:
-        text = render(load_results(results), fmt)
+        text = render(load_runs(list(results)), fmt)
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     if out is None:

@@ -50,6 +50,21 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def load_runs(paths: list[str | os.PathLike]) -> pd.DataFrame:
+    """The results of several runs as one frame (e.g. a suite and its tuned suite, compared in one table). A cell
+    that two runs share (the same operator, method label, NFE budget, seed, image and metric) is kept once;
+    ValueError if its values differ (two runs used one label for different settings)."""
+    frame = pd.concat([load_results(p) for p in paths], ignore_index=True)
+    key = [c for c in ("operator", "method", "nfe_budget", "seed", "image_id", "metric") if c in frame]
+    frame = frame.drop_duplicates(subset=[*key, "value"])
+    clash = frame[frame.duplicated(subset=key, keep=False)]
+    if len(clash):
+        row = clash.iloc[0]
+        raise ValueError(f"the runs disagree on {row['method']} at NFE {row['nfe_budget']} on {row['operator']} "
+                         f"({row['metric']} of {row['image_id']}): give different settings different labels")
+    return frame.reset_index(drop=True)
+
+
 def ci95(values: np.ndarray) -> float:
     """Half-width of the 95% Student-t confidence interval of the mean (NaN for fewer than 2 values)."""
     values = values[~np.isnan(values)]

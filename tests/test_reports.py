@@ -18,7 +18,7 @@ from scipy import stats
 from benchmarks.cli import main
 from benchmarks.runner import run_suite
 from benchmarks.suites import parse_suite
-from benchmarks.tables import render, summarize
+from benchmarks.tables import load_runs, render, summarize
 from restore.app.io import write_png
 from restore.methods import register_method
 
@@ -79,6 +79,24 @@ def test_markdown_latex_csv():
     assert "<h3>jpeg:quality=10</h3>" in page and "<b>7.00</b>" in page and "<table" in page
     with pytest.raises(ValueError, match="valid: md, html, latex, csv"):
         render(frame(), "rst")
+
+
+def test_several_runs_make_one_table(tmp_path):
+    """A suite and its tuned suite side by side: the cells they share are kept once; a label that means different
+    settings in two runs is refused."""
+    base, tuned = frame(), frame()
+    tuned.loc[tuned.method == "b", "method"] = "b (tuned)"
+    tuned.loc[tuned.method == "b (tuned)", "value"] += 1.0
+    base.to_csv(tmp_path / "base.csv", index=False)
+    tuned.to_csv(tmp_path / "tuned.csv", index=False)
+    both = load_runs([tmp_path / "base.csv", tmp_path / "tuned.csv"])
+    assert len(both) == len(base) + (tuned.method == "b (tuned)").sum()
+    assert list(summarize(both).method) == ["a", "b", "b (tuned)"]
+    clash = frame()
+    clash.loc[clash.method == "a", "value"] += 0.5
+    clash.to_csv(tmp_path / "clash.csv", index=False)
+    with pytest.raises(ValueError, match="the runs disagree on a at NFE 2"):
+        load_runs([tmp_path / "base.csv", tmp_path / "clash.csv"])
 
 
 def test_table_and_plot_commands_write_files(tmp_path):
