@@ -3,8 +3,8 @@
 Sections, in order: the run's summary (suite, images, cells, wall time, failures), the tables per operator
 (mean ± 95 % CI, best per column in bold, from :mod:`benchmarks.tables`), the metric-vs-NFE plots and the labelled
 image grids (:mod:`benchmarks.plots`, embedded as base64 PNG so the page is one file that can be mailed or
-archived), the fairness report of the trained models (:mod:`benchmarks.fairness`), the resolved suite
-configuration and the provenance (versions, git state, machine). The LaTeX tables are written next to it
+archived), the tuning record when the suite's values were tuned (:mod:`benchmarks.tune`), the fairness report of
+the trained models (:mod:`benchmarks.fairness`), the resolved suite configuration and the provenance (versions, git state, machine). The LaTeX tables are written next to it
 (``tables.tex``, booktabs, for ``\\input`` into a paper).
 
 The page uses no script and no external resource.
@@ -43,6 +43,19 @@ def _image(path: Path) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
+def _tuning_section(meta: dict) -> list[str]:
+    """The suite's tuning record (when its values were tuned): how, and per cell default vs tuned on the held-out
+    images; warnings when the run loaded other weights than the tuning did."""
+    from benchmarks.tune import tuning_frame, tuning_summary
+
+    record = meta["suite"].get("tuning")
+    if not record:
+        return []
+    warnings = "".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in meta["summary"].get("tuning_mismatches", []))
+    return [f"<h2>Tuning</h2><p>{html.escape(tuning_summary(record))}. Cells marked (tuned) use the values chosen "
+            f"there.</p>{warnings}" + tuning_frame(record).to_html(index=False, float_format="{:.3f}".format)]
+
+
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  grid_nfe: int | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``tables.tex`` for the run folder ``run_dir`` into ``out`` (default:
@@ -70,6 +83,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         "NFE as counted.</p>" + render(frame, "html"),
         "<h2>Plots</h2>" + "".join(_image(p) for p in plots),
         "<h2>Image grids</h2>" + "".join(_image(g) for g in grids),
+        *_tuning_section(meta),
         "<h2>Fairness</h2><pre>" + html.escape(render_fairness(meta["models"])) + "</pre>",
         "<h2>Configuration</h2><pre>" + html.escape(json.dumps(meta["suite"], indent=1)) + "</pre>",
         "<h2>Provenance</h2><pre>" + html.escape(json.dumps(meta["environment"], indent=1)) + "</pre>",

@@ -39,7 +39,7 @@ from restore.engine.acceleration import OFF, Acceleration
 from restore.methods import Choice, Float, get_method
 from restore.runtime.files import write_csv_atomic, write_text_atomic
 
-__all__ = ["held_out", "tune_suite"]
+__all__ = ["held_out", "tune_suite", "tuning_frame", "tuning_summary"]
 
 TUNED = " (tuned)"  # label suffix of tuned entries
 
@@ -166,6 +166,29 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
     write_text_atomic(tomli_w.dumps(document), dst)
     load_suite(dst)  # the file must load as a suite as it is
     return dst
+
+
+def tuning_frame(record: dict[str, Any]) -> pd.DataFrame:
+    """One row per tuned cell of a ``[tuning]`` record: trials, the held-out score of the default and of the chosen
+    values, and both parameter sets (3 significant digits)."""
+    def params(values: dict) -> str:
+        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+    rows = [{"method": c["method"], "operator": c["operator"], "NFE": c["nfe"], "trials": c["trials"],
+             "failed": c["failed"], "default": c.get("default", math.nan), "tuned": c["best"],
+             "default values": params(c["default_params"]), "tuned values": params(c["best_params"])}
+            for c in record.get("cells", [])]
+    return pd.DataFrame(rows, columns=["method", "operator", "NFE", "trials", "failed", "default", "tuned",
+                                       "default values", "tuned values"])
+
+
+def tuning_summary(record: dict[str, Any]) -> str:
+    """One line on how a ``[tuning]`` record was made (objective, trials, held-out images, sampler)."""
+    h = record.get("held_out", {})
+    return (f"{record.get('objective')} ({record.get('direction')}) on {h.get('images')} held-out images "
+            f"{h.get('dataset')}:{h.get('split')} [{h.get('start')}, {h.get('start', 0) + h.get('images', 0)}), "
+            f"{record.get('trials_per_cell')} trials per cell ({record.get('sampler')}, seed {record.get('seed')}); "
+            f"tuned on weights " + ", ".join(f"{a}={sha[:12]}" for a, sha in record.get("models", {}).items()))
 
 
 def _tuned_models(suite: Suite, entries: list[MethodEntry]) -> dict[str, str]:

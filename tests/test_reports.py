@@ -154,14 +154,20 @@ def test_report_renders_in_a_headless_browser(tmp_path):
         write_png(x[i], folder / f"im{i}.png")
     suite = parse_suite({"dataset": str(folder), "operators": ["box:size=8"], "metrics": ["psnr", "cpsnr"],
                          "methods": [{"name": "report-test-pinv", "nfe": [0]},
-                                     {"name": "report-test-blur", "nfe": [1, 2]}]}, "browser")
+                                     {"name": "report-test-blur", "nfe": [1, 2]}],
+                         "tuning": {"objective": "psnr", "trials_per_cell": 3, "held_out": {"images": 2},
+                                    "cells": [{"method": "report-test-blur", "operator": "box:size=8", "nfe": 1,
+                                               "trials": 3, "failed": 0, "best": 21.5, "default": 20.25,
+                                               "best_params": {"k": 0.123456}, "default_params": {"k": 1.0}}]}},
+                        "browser")
     run_suite(suite, tmp_path / "run", progress=False)
     result = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     page = tmp_path / "run" / "report" / "report.html"
     text = page.read_text()
-    for section in ("Tables", "Plots", "Image grids", "Fairness", "Configuration", "Provenance"):
+    for section in ("Tables", "Plots", "Image grids", "Tuning", "Fairness", "Configuration", "Provenance"):
         assert f"<h2>{section}</h2>" in text
+    assert "<td>k=0.123</td>" in text and "<td>20.250</td>" in text  # the tuned cell: chosen values, default score
     assert "src=\"http" not in text and "<script" not in text  # self-contained, no script
     assert "\\toprule" in (tmp_path / "run" / "report" / "tables.tex").read_text()
 
