@@ -124,10 +124,13 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
         space = get_method(entry.name).space
         defaults = _defaults(entry, space)
         if not study.trials:
-            study.enqueue_trial(defaults)
+            study.enqueue_trial(defaults, user_attrs={"default": True})
 
-        def run_trial(trial, entry=entry, op=op, nfe=nfe, space=space, study_name=study_name) -> float:
-            values = _sample(trial, space)
+        def run_trial(trial, entry=entry, op=op, nfe=nfe, space=space, study_name=study_name,
+                      defaults=defaults) -> float:
+            # the default trial leaves a keyword whose default is None to the method (e.g. DPS's per-operator scale)
+            keys = defaults.keys() if trial.user_attrs.get("default") else space.keys()
+            values = _sample(trial, {k: space[k] for k in keys})
             cell = replace(entry, nfe=(nfe,), operators=(op,), hparams={**entry.hparams, **values})
             folder = out / "trials" / slug(study_name) / f"{trial.number:04d}"
             run_suite(replace(heldout, operators=(op,), methods=(cell,)), folder, progress=False, device=device,
@@ -171,12 +174,13 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
 def tuning_frame(record: dict[str, Any]) -> pd.DataFrame:
     """One row per tuned cell of a ``[tuning]`` record: trials, the held-out score of the default and of the chosen
     values, and both parameter sets (3 significant digits)."""
-    def params(values: dict) -> str:
-        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    def params(values: dict, keys=()) -> str:
+        shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()]
+        return ", ".join(shown + [f"{k}=(the method's)" for k in keys if k not in values])
 
     rows = [{"method": c["method"], "operator": c["operator"], "NFE": c["nfe"], "trials": c["trials"],
              "failed": c["failed"], "default": c.get("default", math.nan), "tuned": c["best"],
-             "default values": params(c["default_params"]), "tuned values": params(c["best_params"])}
+             "default values": params(c["default_params"], c["best_params"]), "tuned values": params(c["best_params"])}
             for c in record.get("cells", [])]
     return pd.DataFrame(rows, columns=["method", "operator", "NFE", "trials", "failed", "default", "tuned",
                                        "default values", "tuned values"])

@@ -24,6 +24,12 @@ def _scale(model, y, op, *, nfe, generator=None, callback=None, class_labels=Non
     return y * factor
 
 
+@register_method("tune-test-auto", blind=True, model="none", default_nfe=1, space={"factor": Float(0.3, 1.5)})
+def _auto(model, y, op, *, nfe, generator=None, callback=None, class_labels=None, factor: float | None = None):
+    """Like tune-test-scale, with a default chosen inside the method (None in the signature)."""
+    return y * (0.4 if factor is None else factor)
+
+
 @pytest.fixture
 def suite_file(tmp_path):
     folder = tmp_path / "images"
@@ -103,3 +109,15 @@ def test_a_tuned_suite_run_on_other_weights_is_flagged(suite_file):
         summary = run_suite(parse_suite({**base, "tuning": {"models": {"edm": "0" * 64}}}, "other"),
                             suite_file.parent / "run-other", limit=1, progress=False)
     assert summary["tuning_mismatches"] == list(other.tuning_mismatches)
+
+
+def test_the_default_trial_leaves_a_none_default_to_the_method(suite_file, tmp_path):
+    from benchmarks.tune import tune_suite, tuning_frame
+
+    suite = parse_suite({"dataset": load_suite(suite_file).dataset, "images": 4, "operators": ["box:size=4"],
+                         "metrics": ["psnr"], "methods": [{"name": "tune-test-auto", "nfe": [1]},
+                                                          {"name": "tune-test-scale", "nfe": [1]}]}, "s")
+    record = tomllib.loads(tune_suite(suite, tmp_path, trials=2, held_out_images=4, echo=lambda _: None).read_text())
+    auto, scale = record["tuning"]["cells"]
+    assert auto["default_params"] == {} and auto["default"] == pytest.approx(scale["default"])  # both ran 0.4
+    assert tuning_frame(record["tuning"])["default values"].tolist() == ["factor=(the method's)", "factor=0.4"]
