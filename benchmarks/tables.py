@@ -134,7 +134,9 @@ def _tables(summary: pd.DataFrame, style: str) -> list[tuple[str, pd.DataFrame]]
     out = []
     for operator, s in summary.groupby("operator", sort=False):
         methods = s.method.map(html.escape) if style == "html" else s.method
-        table = pd.DataFrame({"method": methods, "NFE": [f"{v:g}" for v in s.nfe]})
+        # a method that spent less than its budget shows both, so two budgets never look like one cell
+        table = pd.DataFrame({"method": methods, "NFE": [f"{v:g}" if v == b else f"{v:g} (of {b:g})"
+                                                         for v, b in zip(s.nfe, s.nfe_budget)]})
         if (s.nfe_backward > 0).any():
             table["NFE bwd"] = [f"{v:g}" for v in s.nfe_backward]
         for m in metrics:

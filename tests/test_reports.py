@@ -77,6 +77,9 @@ def test_markdown_latex_csv():
     assert "{\\scriptsize $\\pm$ 8.96}" in tex and "\\textbf{25.00 {\\scriptsize $\\pm$ 0.00}}" in tex
     page = render(frame(), "html")
     assert "<h3>jpeg:quality=10</h3>" in page and "<b>7.00</b>" in page and "<table" in page
+    short = frame()
+    short.loc[short.method == "b", "nfe_budget"] = 5  # spent 4 of a budget of 5
+    assert "| 4 (of 5) |" in render(short, "md")
     with pytest.raises(ValueError, match="valid: md, html, latex, csv"):
         render(frame(), "rst")
 
