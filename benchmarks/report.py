@@ -4,8 +4,8 @@ Sections, in order: the run's summary (suite, images, cells, wall time, failures
 (mean ± 95 % CI, best per column in bold, from :mod:`benchmarks.tables`), the metric-vs-NFE plots and the labelled
 image grids (:mod:`benchmarks.plots`, embedded as base64 PNG so the page is one file that can be mailed or
 archived), the tuning record when the suite's values were tuned (:mod:`benchmarks.tune`), the fairness report of
-the trained models (:mod:`benchmarks.fairness`), the resolved suite configuration and the provenance (versions, git state, machine). The LaTeX tables are written next to it
-(``tables.tex``, booktabs, for ``\\input`` into a paper).
+the trained models (:mod:`benchmarks.fairness`), the resolved suite configuration and the provenance (versions, git
+state, machine). The LaTeX tables are written next to it (``tables.tex``, booktabs, for ``\\input`` into a paper).
 
 The page uses no script and no external resource.
 """
