@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from restore.engine.checkpoints import load_model, read_metadata
 from restore.records.fairness import COMPUTE_TOLERANCE, training_record
-from training.campaign import reference_set
+from training.campaign import _argv, reference_set
 from training.cli import main as train
 
 BUDGET = 40.0  # GFLOP: a few steps of batch 4 on 16x16 images
@@ -89,3 +89,47 @@ def test_budget_gflop_sets_the_steps_from_the_measured_compute(tmp_path, data, s
     clash = _train("edm", "--data", data, "--out", tmp_path / "edm2", "--batch", 4, "--budget-gflop", 25,
                    "--steps", 1, "--no-progress")
     assert clash.exit_code != 0 and "drop --steps" in clash.output
+
+
+def test_campaign_continues_on_another_machine_from_exported_models(campaign, data, tmp_path):
+    """Run folders stay behind; exports travel. A finished export is adopted as it is, an unfinished one is trained
+    on from its EMA until the budget, counting its first segment, and the card lists both segments."""
+    out, _ = campaign
+    member = next(m for m in reference_set("tiny") if m.name == "palette-tiny-jpeg10")
+    settings = dict(data=str(data), preset="cifar-tiny", batch=4, budget_gflop=BUDGET, ckpt_every=2, bf16=False,
+                    limit_images=None, device="cpu")
+    first = _train(*_argv(member, tmp_path / "machine1", settings, None)[3:], "--chunk", 1)
+    assert first.exit_code == 0, first.output
+    bundle = tmp_path / "bundle"
+    assert _train("export", tmp_path / "machine1" / member.name, bundle / f"{member.name}.safetensors").exit_code == 0
+    assert not read_metadata(bundle / f"{member.name}.safetensors")["card"]["budget"]["finished"]
+    (bundle / "edm-tiny.safetensors").write_bytes((out / "models" / "edm-tiny.safetensors").read_bytes())
+
+    result = _train("campaign", "--budget", BUDGET, "--out", tmp_path / "machine2", "--data", data, "--batch", 4,
+                    "--device", "cpu", "--ckpt-every", 2, "--only", f"edm-tiny,{member.name}",
+                    "--continue-from", bundle)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout.strip().splitlines()[-1])
+    models = tmp_path / "machine2" / "models"
+    assert status["edm-tiny"]["from"] == str(bundle / "edm-tiny.safetensors") and status["edm-tiny"]["finished"]
+    assert (models / "edm-tiny.safetensors").read_bytes() == (bundle / "edm-tiny.safetensors").read_bytes()
+    assert not (tmp_path / "machine2" / "edm-tiny").exists()  # nothing retrained
+    assert status[member.name]["finished"]
+    budget = read_metadata(models / f"{member.name}.safetensors")["card"]["budget"]
+    first_segment, second = budget["segments"]
+    assert first_segment["steps"] == 1 and "restart" not in first_segment and "--init-continues" in second["restart"]
+    assert budget["steps"] == 1 + second["steps"] and budget["images"] == 4 * budget["steps"]
+    assert abs(budget["train_gflop"] / BUDGET - 1) <= COMPUTE_TOLERANCE and budget["finished"]
+    assert training_record(models / f"{member.name}.safetensors").train_gflop == budget["train_gflop"]
+
+
+def test_init_continues_needs_a_restartable_segment(tmp_path, data, campaign):
+    out, _ = campaign
+    alone = _train("edm", "--data", data, "--out", tmp_path / "a", "--init-continues", "--steps", 1)
+    assert alone.exit_code != 0 and "needs --init" in alone.output
+    bcm = out / "models" / "bcm-tiny.safetensors"
+    consistency = _train("bcm", "--data", data, "--out", tmp_path / "b", "--init", bcm, "--init-continues")
+    assert consistency.exit_code != 0 and "curriculum" in consistency.output
+    spent = _train("edm", "--data", data, "--out", tmp_path / "c", "--init", out / "models" / "edm-tiny.safetensors",
+                   "--init-continues", "--budget-gflop", BUDGET / 2, "--batch", 4, "--preset", "cifar-tiny")
+    assert spent.exit_code != 0 and "already spent" in spent.output

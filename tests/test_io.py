@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from PIL import Image
 from operators.utils import from_uint8, quantize
 from restore.app import io as rio
 from restore.runtime.files import write_csv_atomic
+from restore.runtime.signals import STOP_SIGNALS, interrupt_on_stop
 
 
 def rgb(h=5, w=7, seed=0) -> np.ndarray:
@@ -339,3 +342,12 @@ def test_write_csv_atomic_rows_and_dataframe(tmp_path):
     write_csv_atomic(pd.DataFrame(rows), path)
     assert pd.read_csv(path)["image_id"].tolist() == ["a.png", "b,c.png"]
     assert sorted(os.listdir(tmp_path)) == ["m.csv"]
+
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS)
+def test_a_stop_signal_interrupts_the_block_and_the_handlers_come_back(sig):
+    before = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt, match=signal.Signals(sig).name), interrupt_on_stop():
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(sig) is before

@@ -36,6 +36,7 @@ from restore.records.fairness import (
 )
 from restore.records.runs import CONFIG_JSON
 from restore.runtime import distributed
+from restore.runtime.signals import interrupt_on_stop
 from training.data import ImageData, training_images
 from training.export import export_run
 from training.finetune import bcm_from_cm, bcm_from_edm
@@ -79,6 +80,10 @@ def _common_options(*, lr: float, optimizer: str):
         click.option("--init", metavar="NAME|PATH",
                      help="Start from this checkpoint instead of a random network (bcm: also a CM checkpoint, "
                           "fine-tuned as in BCF with the identity u-path)."),
+        click.option("--init-continues", is_flag=True,
+                     help="--init is an earlier segment of this same training (an exported EMA in progress): its "
+                          "card's budget counts toward --budget-gflop and is added to the exported card, which lists "
+                          "each segment. Inexact: optimizer, EMA warm-up and data order start afresh."),
         click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), metavar="P",
                      help="Dropout everywhere (overrides the preset/checkpoint value)."),
         click.option("--steps", type=click.IntRange(min=1), default=20_000, show_default=True,
@@ -300,6 +305,11 @@ def _resolve(ctx: click.Context, command: str, opts: dict) -> dict:
             opts = {**opts, **{k: v for k, v in stored["options"].items() if k in opts and k not in explicit}}
     elif opts["resume"] is not None:
         raise click.ClickException(f"{opts['resume']} holds no run (no config.json)")
+    if opts["init_continues"] and not opts["init"]:
+        raise click.UsageError("--init-continues needs --init CHECKPOINT (the segment it continues)")
+    if opts["init_continues"] and "curriculum_steps" in opts:
+        raise click.UsageError("--init-continues: a consistency model's curriculum follows the step, so a restart "
+                               "would repeat it; continue such a run from its run folder")
     if opts["match_compute"] and not opts["match"]:
         raise click.UsageError("--match-compute needs --match MODEL")
     if opts["budget_gflop"] and opts["match"]:
@@ -400,6 +410,12 @@ def _compute_budget(ctx: click.Context, opts: dict, model, loss, data: ImageData
     else:
         target, flag = opts["budget_gflop"], f"--budget-gflop {opts['budget_gflop']:g}"
         what = f"{format_gflop(target)} training GFLOP"
+    if opts["init_continues"]:  # the earlier segments spent part of the budget
+        spent = _continued(opts)["budget"]["train_gflop"]
+        if spent >= target:
+            raise click.UsageError(f"{flag}: --init {opts['init']} has already spent {format_gflop(spent)} of "
+                                   f"{what}")
+        target, what = target - spent, f"the {format_gflop(target - spent)} GFLOP left of {what}"
     _, world, device = distributed.setup(None if opts["device"] == "auto" else opts["device"])
     compute = training_flops(model, loss, data, seed=opts["seed"], bf16=opts["bf16"],
                              channels_last=opts["channels_last"], device=device,
@@ -419,6 +435,16 @@ def _compute_budget(ctx: click.Context, opts: dict, model, loss, data: ImageData
     if "curriculum_steps" in opts and "curriculum_steps" not in explicit:
         opts["curriculum_steps"] = steps  # the curriculum spans the run, as with a budget in steps
     return opts, compute
+
+
+def _continued(opts: dict) -> dict:
+    """What ``--init --init-continues`` continues: the checkpoint, its weights' sha256 and its card's budget (which
+    must record the training compute and images)."""
+    budget = (read_metadata(opts["init"]).get("card") or {}).get("budget") or {}
+    if budget.get("train_gflop") is None or budget.get("images") is None:
+        raise click.UsageError(f"--init-continues: the card of {opts['init']} records no training images and "
+                               "compute to continue")
+    return {"checkpoint": str(opts["init"]), "sha256": weights_sha256(opts["init"]), "budget": budget}
 
 
 def _check_match(opts: dict, model) -> None:
@@ -446,11 +472,14 @@ def _run(ctx: click.Context, command: str, opts: dict, build) -> None:
             channels_last=opts["channels_last"], compile=opts["compile"], ckpt_every=opts["ckpt_every"],
             log_every=opts["log_every"])
         stored = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items() if k not in _NOT_STORED}
-        result = train(model, loss, data, config, opts["out"], meta={"cli": {"command": command, "options": stored}},
-                       max_steps=opts["chunk"],
-                       time_limit=None if opts["time_limit"] is None else 60 * opts["time_limit"],
-                       device=None if opts["device"] == "auto" else opts["device"], progress=opts["progress"],
-                       compute=compute)
+        meta = {"cli": {"command": command, "options": stored}}
+        if opts["init_continues"]:
+            meta["continues"] = _continued(opts)
+        with interrupt_on_stop():  # kill / a campaign's stop: save the state, then exit
+            result = train(model, loss, data, config, opts["out"], meta=meta, max_steps=opts["chunk"],
+                           time_limit=None if opts["time_limit"] is None else 60 * opts["time_limit"],
+                           device=None if opts["device"] == "auto" else opts["device"], progress=opts["progress"],
+                           compute=compute)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "images": result.images,
@@ -573,22 +602,28 @@ def i2sb(ctx, **opts):
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Steps between saved states and EMA snapshots (the points of a learning curve).")
 @click.option("--only", metavar="NAME,...", help="Train only these members (default: the whole reference set).")
+@click.option("--continue-from", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
+              help="Folder of exported members (<name>.safetensors, e.g. a campaign's bundled EMAs in progress): a "
+                   "member with no run folder is taken from there when finished, else trained on from its EMA "
+                   "(--init-continues, an inexact restart its card records).")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Models trained at once (a GPU is under-used by one small model: try 8).")
 @click.option("--time-limit", type=click.FloatRange(0, min_open=True), metavar="MINUTES",
               help="Stop every run (saving it) after this many minutes in all; re-run to continue.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, ...")
 def campaign(budget_gflop: float, out: Path, data: str, tag: str | None, preset: str, batch: int, bf16: bool | None,
-             limit_images: int | None, ckpt_every: int, only: str | None, jobs: int, time_limit: float | None,
-             device: str) -> None:
+             limit_images: int | None, ckpt_every: int, only: str | None, continue_from: Path | None, jobs: int,
+             time_limit: float | None, device: str) -> None:
     """Train the reference set at one training-compute budget: the EDM prior, the BCM (distilled from that prior),
     Palette and I2SB for JPEG q10, box 16 and SR x2 (training.campaign). Re-run the same command to continue after
-    a stop; finished models are exported with their cards to OUT/models/.
+    a stop; finished models are exported with their cards to OUT/models/. On another machine, continue from the
+    exported models with --continue-from.
 
     \b
     Examples:
       restore-train campaign --budget 2e5 --out runs/campaign --time-limit 110          # CPU, in 2-hour chunks
       restore-train campaign --budget 2e6 --out runs/campaign-gpu --batch 128 --jobs 8  # one GPU
+      restore-train campaign --budget 5e5 --out runs/campaign --continue-from docs/results/campaign
     """
     from training.campaign import reference_set, run_campaign
 
@@ -610,7 +645,8 @@ def campaign(budget_gflop: float, out: Path, data: str, tag: str | None, preset:
 
     try:
         status = run_campaign(out, members, settings, time_limit=None if time_limit is None else 60 * time_limit,
-                              jobs=jobs, export=export, echo=lambda line: click.echo(line, err=True))
+                              jobs=jobs, export=export, echo=lambda line: click.echo(line, err=True),
+                              continue_from=continue_from)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(status))

@@ -52,6 +52,23 @@ def training_budget(run_dir: str | Path) -> dict[str, Any]:
             "images_per_s": round(last["images"] / seconds, 2), "final_loss": last["loss"]}
 
 
+def chained_budget(continues: dict, segment: dict) -> dict[str, Any]:
+    """The budget of a training run in segments (``--init-continues``): the earlier segments' and this one's
+    ``segment`` summed (steps, images, seconds, GFLOP), the rest from the last segment, and every segment listed in
+    ``segments`` (each restart with the checkpoint it started from)."""
+    before = continues["budget"]
+    segments = before.get("segments") or [before]
+    restart = {"restart": f"--init {continues['checkpoint']} --init-continues (weights sha256 "
+                          f"{continues['sha256'][:12]}): EMA weights only; optimizer, EMA warm-up and data order "
+                          "started afresh"}
+    segments = [*segments, {**segment, **restart}]
+    total = {key: sum(s[key] for s in segments) for key in ("steps", "images", "train_seconds")}
+    total["train_seconds"] = round(total["train_seconds"], 1)
+    if all(s.get("train_gflop") is not None for s in segments):
+        total["train_gflop"] = float(f"{sum(s['train_gflop'] for s in segments):.6g}")
+    return {**segment, **total, "segments": segments}
+
+
 def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, click.Command], *,
                dtype: torch.dtype | None = torch.float16, metrics: dict | None = None,
                notes: str | None = None) -> Path:
@@ -69,13 +86,17 @@ def export_run(run_dir: str | Path, dst: str | Path, commands: Mapping[str, clic
         budget.update(gflop_per_image=float(f"{gflop_per_image:.6g}"),
                       train_gflop=float(f"{budget['images'] * gflop_per_image:.6g}"))
     recipe = recipe_command(commands[stored["command"]], stored["command"], stored["options"])
-    if budget["steps"] < stored["options"]["steps"]:  # stopped early (time limit): same curriculum, fewer steps
+    budget["finished"] = budget["steps"] >= stored["options"]["steps"]
+    if not budget["finished"]:  # stopped early (time limit): same curriculum, fewer steps
         recipe = recipe.replace(" --out ", f" --chunk {budget['steps']} --out ")
+    budget.update(host=environment.get("host"), torch=environment.get("versions", {}).get("torch"),
+                  git=environment.get("git", {}).get("commit"))
+    if config.get("continues"):
+        budget = chained_budget(config["continues"], budget)
     card = {
         "recipe": recipe,
         "data": stored["options"].get("data"),
-        "budget": {**budget, "host": environment.get("host"), "torch": environment.get("versions", {}).get("torch"),
-                   "git": environment.get("git", {}).get("commit")},
+        "budget": budget,
         "metrics": metrics or {},
         "notes": notes or "",
     }
