@@ -122,6 +122,13 @@ def test_campaign_continues_on_another_machine_from_exported_models(campaign, da
     assert abs(budget["train_gflop"] / BUDGET - 1) <= COMPUTE_TOLERANCE and budget["finished"]
     assert training_record(models / f"{member.name}.safetensors").train_gflop == budget["train_gflop"]
 
+    # bundling the continued run onto the file it started from leaves its resume as it was
+    assert _train("export", tmp_path / "machine2" / member.name, bundle / f"{member.name}.safetensors").exit_code == 0
+    again = _train("campaign", "--budget", BUDGET, "--out", tmp_path / "machine2", "--data", data, "--batch", 4,
+                   "--device", "cpu", "--ckpt-every", 2, "--only", member.name, "--continue-from", bundle)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])[member.name]["step"] == status[member.name]["step"]
+
 
 def test_init_continues_needs_a_restartable_segment(tmp_path, data, campaign):
     out, _ = campaign

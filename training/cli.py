@@ -439,7 +439,11 @@ def _compute_budget(ctx: click.Context, opts: dict, model, loss, data: ImageData
 
 def _continued(opts: dict) -> dict:
     """What ``--init --init-continues`` continues: the checkpoint, its weights' sha256 and its card's budget (which
-    must record the training compute and images)."""
+    must record the training compute and images). A started run keeps what it read when it started, so exporting it
+    onto its own --init file (bundling progress) does not change the budget of its resume."""
+    stored = Path(opts["out"]) / CONFIG_JSON
+    if stored.is_file() and "continues" in (started := json.loads(stored.read_text())):
+        return started["continues"]
     budget = (read_metadata(opts["init"]).get("card") or {}).get("budget") or {}
     if budget.get("train_gflop") is None or budget.get("images") is None:
         raise click.UsageError(f"--init-continues: the card of {opts['init']} records no training images and "
