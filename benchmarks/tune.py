@@ -21,6 +21,11 @@ provenance (held-out images, objective, trials, best and default values per cell
 weights sha256 of every model the tuned cells ran on); ``restore-bench run`` takes it as it is, and warns when it
 loads other weights for a model alias (tuned values are specific to the model). ``OUT/trials.csv`` lists every
 trial.
+
+A suite that is already tuned (it has a ``[tuning]`` table) is tuned further: its ``(tuned)`` entries and their
+records are kept as they are, and only the other cells (e.g. methods added since) are tuned, under the same
+protocol (objective, trials, seed, held-out images, speed options; another protocol is refused) and on the same
+weights for every model alias the record names (other weights are refused). The result keeps the suite's name.
 """
 
 from __future__ import annotations
@@ -110,14 +115,19 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
         raise ValueError(f"trials must be >= 1, got {trials}")
     heldout = held_out(suite, held_out_images, held_out_start, held_out_split)
     heldout = replace(heldout, metrics=(objective,), seeds=heldout.seeds[:1])
+    direction = "maximize" if METRICS[objective].higher_is_better else "minimize"
+    protocol = {"objective": objective, "direction": direction, "trials_per_cell": trials, "sampler": "optuna TPE",
+                "seed": seed, "acceleration": acceleration.to_dict(),
+                "held_out": {"dataset": heldout.dataset, "split": heldout.split or "", "start": heldout.start,
+                             "images": heldout.images}}
+    _same_protocol(suite, protocol)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
-    direction = "maximize" if METRICS[objective].higher_is_better else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    records, tuned_entries, rows = [], [], []
-    for entry, op, nfe in _cells(suite):
+    records, tuned_entries, rows = list(suite.tuning.get("cells", [])), [], []
+    for entry, op, nfe in [c for c in _cells(suite) if not c[0].label.endswith(TUNED)]:
         study_name = f"{entry.label}|{op}|{nfe}"
         study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
                                     sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
@@ -158,13 +168,9 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
         tuned_entries.append((entry, op, nfe, {**entry.hparams, **best.params}))
 
     write_csv_atomic(pd.DataFrame(rows), out / "trials.csv")
-    document = _tuned_document(suite, tuned_entries, {
-        "objective": objective, "direction": direction, "trials_per_cell": trials, "sampler": "optuna TPE",
-        "seed": seed, "optuna": optuna.__version__, "acceleration": acceleration.to_dict(),
-        "models": _tuned_models(suite, [entry for entry, *_ in tuned_entries]),
-        "held_out": {"dataset": heldout.dataset, "split": heldout.split or "", "start": heldout.start,
-                     "images": heldout.images},
-        "cells": records})
+    models = {**suite.tuning.get("models", {}), **_tuned_models(suite, [entry for entry, *_ in tuned_entries])}
+    document = _tuned_document(suite, tuned_entries, {**protocol, "optuna": optuna.__version__, "models": models,
+                                                      "cells": records})
     dst = out / f"{suite.name}-tuned.toml"
     write_text_atomic(tomli_w.dumps(document), dst)
     load_suite(dst)  # the file must load as a suite as it is
@@ -193,6 +199,25 @@ def tuning_summary(record: dict[str, Any]) -> str:
             f"{h.get('dataset')}:{h.get('split')} [{h.get('start')}, {h.get('start', 0) + h.get('images', 0)}), "
             f"{record.get('trials_per_cell')} trials per cell ({record.get('sampler')}, seed {record.get('seed')}); "
             f"tuned on weights " + ", ".join(f"{a}={sha[:12]}" for a, sha in record.get("models", {}).items()))
+
+
+def _same_protocol(suite: Suite, protocol: dict[str, Any]) -> None:
+    """Refuse to tune an already tuned ``suite`` further under another protocol, or on other weights for a model
+    alias its record names (the kept and the new values must be comparable)."""
+    record = suite.tuning
+    if not record:
+        return
+    changed = [f"{k} {record.get(k)!r} -> {v!r}" for k, v in protocol.items() if record.get(k) != v]
+    if changed:
+        raise ValueError(f"suite {suite.name!r} was tuned with another protocol ({'; '.join(changed)}); tune it "
+                         "with the same settings")
+    from restore.engine.checkpoints import resolve_model_path, weights_sha256
+
+    for alias, sha in record.get("models", {}).items():
+        ref = suite.models.get(alias)
+        if ref is not None and weights_sha256(resolve_model_path(ref)) != sha:
+            raise ValueError(f"suite {suite.name!r} was tuned on other weights for model {alias!r} (sha256 "
+                             f"{sha[:12]}...) than {ref}: pass those weights with --model {alias}=PATH")
 
 
 def _tuned_models(suite: Suite, entries: list[MethodEntry]) -> dict[str, str]:
@@ -231,7 +256,7 @@ def _tuned_document(suite: Suite, tuned: list[tuple[MethodEntry, str, int, dict]
         methods.append({**_entry_table(entry), "label": entry.label + TUNED, "nfe": [nfe], "operators": [op],
                         "hparams": hparams})
     doc = {k: v for k, v in data.items() if k not in ("methods", "source", "tuning", "fid") and v is not None}
-    doc["name"] = f"{suite.name}-tuned"
+    doc["name"] = suite.name if suite.tuning else f"{suite.name}-tuned"
     doc["fid"] = {k: v for k, v in data["fid"].items() if v is not None}
     doc["methods"] = methods
     doc["tuning"] = _toml_safe(record)

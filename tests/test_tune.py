@@ -121,3 +121,32 @@ def test_the_default_trial_leaves_a_none_default_to_the_method(suite_file, tmp_p
     auto, scale = record["tuning"]["cells"]
     assert auto["default_params"] == {} and auto["default"] == pytest.approx(scale["default"])  # both ran 0.4
     assert tuning_frame(record["tuning"])["default values"].tolist() == ["factor=(the method's)", "factor=0.4"]
+
+
+def test_a_tuned_suite_is_tuned_further_for_the_methods_added_since(suite_file, tmp_path):
+    """Adding a method to a tuned suite and tuning again tunes only the new cells, keeps the tuned entries and their
+    records, and refuses another protocol or other weights."""
+    from benchmarks.tune import tune_suite
+
+    first = tune_suite(load_suite(suite_file), tmp_path / "first", trials=2, held_out_images=4, echo=lambda _: None)
+    document = tomllib.loads(first.read_text())
+    document["methods"].append({"name": "tune-test-auto", "nfe": [1]})
+    grown = parse_suite(document, document["name"])
+    ran = []
+    tuned = tune_suite(grown, tmp_path / "second", trials=2, held_out_images=4, echo=ran.append)
+    assert ran == ["[tune] tune-test-auto|box:size=4|1: 2 trial(s) of 2"]  # only the new cell
+    after = tomllib.loads(tuned.read_text())
+    assert after["name"] == document["name"]
+    assert [c["cell"] for c in after["tuning"]["cells"]] == [
+        "tune-test-scale|box:size=4|1", "tune-test-scale|box:size=4|2", "tune-test-auto|box:size=4|1"]
+    assert after["tuning"]["cells"][:2] == document["tuning"]["cells"]
+    kept = [m for m in after["methods"] if m["label"] == "tune-test-scale (tuned)"]
+    assert kept == [m for m in document["methods"] if m.get("label") == "tune-test-scale (tuned)"]
+    assert {m["label"] for m in after["methods"]} == {"identity", "tune-test-scale (tuned)", "tune-test-auto (tuned)"}
+
+    with pytest.raises(ValueError, match="another protocol.*trials_per_cell 2 -> 3"):
+        tune_suite(grown, tmp_path / "third", trials=3, held_out_images=4)
+    document["models"] = {"edm": "edm-cifar10"}
+    document["tuning"]["models"] = {"edm": "0" * 64}
+    with pytest.raises(ValueError, match="other weights for model 'edm'"):
+        tune_suite(parse_suite(document, document["name"]), tmp_path / "fourth", trials=2, held_out_images=4)
