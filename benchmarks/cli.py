@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import click
@@ -298,6 +299,45 @@ def report(results: Path, out: Path | None, grid_nfe: int | None) -> None:
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     click.echo(json.dumps({"report": str(page), "latex": str(tex)}))
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+def pack(results: Path, archive: Path) -> None:
+    """Write what the run folder RESULTS has finished as one small ARCHIVE (.tar.gz; benchmarks.runner.pack):
+    journal, run records, the grid images and the restorations still to be scored, but not the other PNGs. Commit
+    or carry it; `restore-bench unpack` then `restore-bench run` continues elsewhere, and report / table read it.
+
+    \b
+    Example:
+      restore-bench pack results/cifar10-jpeg docs/results/cifar10-jpeg/run.tar.gz
+    """
+    from benchmarks.runner.pack import pack_run
+
+    try:
+        click.echo(json.dumps(pack_run(results, archive)))
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("results", type=click.Path(file_okay=False, path_type=Path))
+def unpack(archive: Path, results: Path) -> None:
+    """Extract a `restore-bench pack` ARCHIVE into the fresh run folder RESULTS.
+
+    \b
+    Example:
+      restore-bench unpack docs/results/cifar10-jpeg/run.tar.gz results/cifar10-jpeg
+      restore-bench run cifar10-jpeg --out results/cifar10-jpeg    # continues; finished cells are kept
+    """
+    from benchmarks.runner.pack import unpack_run
+
+    try:
+        click.echo(json.dumps(unpack_run(archive, results)))
+    except (ValueError, OSError, tarfile.TarError) as e:
+        raise _fail(e) from None
 
 
 @main.command()

@@ -283,3 +283,39 @@ def test_cached_measurements_come_back_with_the_operator_that_made_them(images, 
     assert torch.equal(made.y, read.y) and torch.equal(made.op.boxes, read.op.boxes)
     assert family.boxes is None and made.op.spec == family.spec
     torch.testing.assert_close(made.op(made.y), made.y, rtol=0, atol=0)  # y is zero in the hole of its own boxes
+
+
+def test_a_packed_run_continues_on_another_machine(images, tmp_path, monkeypatch):
+    """A killed run keeps each finished cell's FID (scored when the cell ends); its archive drops the restorations
+    finished cells no longer need, and an unpacked copy finishes with the values of an uninterrupted run."""
+    import tarfile
+
+    from benchmarks.runner.pack import pack_run, unpack_run
+
+    monkeypatch.setenv("BCM_RESTORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr("benchmarks.runner.plan.GRID_IMAGES", 1)
+    suite = make_suite(images, operators=["jpeg:quality=10"], metrics=["psnr", "fid"],
+                       methods=[{"name": "run-test-pinv", "nfe": [0]}, {"name": "run-test-noisy", "nfe": [0, 1]}])
+    KILL_AFTER.append(5)  # two cells of two batches, then one batch of the third
+    with pytest.raises(Killed):
+        run_suite(suite, tmp_path / "a", progress=False)
+    done = read_journals(tmp_path / "a")[1]
+    assert sum(bool(d.get("set_key")) for d in done) == 2  # the finished cells are scored already
+
+    packed = pack_run(tmp_path / "a", tmp_path / "a.tar.gz")
+    assert packed["cells_scored"] == 2 and packed["cells_unscored"] == 1
+    with tarfile.open(tmp_path / "a.tar.gz") as tar:
+        outputs = sorted(Path(n).name for n in tar.getnames() if n.startswith("outputs/"))
+        assert not [n for n in tar.getnames() if n.endswith(".npy")]
+    assert outputs == ["im0.png", "im0.png", "im0.png", "im1.png"]  # the grid image, and the unscored cell's work
+
+    unpack_run(tmp_path / "a.tar.gz", tmp_path / "b")
+    CALLS.clear()
+    run_suite(suite, tmp_path / "b", progress=False)
+    assert CALLS == {("run-test-noisy", 1): 2}  # only what the killed run had not restored
+    run_suite(suite, tmp_path / "c", progress=False)
+    pd.testing.assert_series_equal(values(pd.read_csv(tmp_path / "b" / "results.csv")),
+                                   values(pd.read_csv(tmp_path / "c" / "results.csv")))
+    with pytest.raises(ValueError, match="already holds results"):
+        unpack_run(tmp_path / "a.tar.gz", tmp_path / "b")

@@ -12,6 +12,7 @@ One module per stage; values pass between them explicitly (frozen dataclasses, p
 * :mod:`~benchmarks.runner.session` -- :func:`run_suite`, the stages in order for one process, and the
   run records; :mod:`~benchmarks.runner.progress` displays progress;
 * :mod:`~benchmarks.runner.cost` -- a plan -> its estimated cost (``--dry-run``), before any stage runs.
+* :mod:`~benchmarks.runner.pack` -- a run folder -> a small archive of what it finished, and back elsewhere.
 
 What an output folder holds::
 

@@ -50,8 +50,9 @@ def reference_key(suite: Suite, device: torch.device) -> str:
 
 
 def set_metrics(plan: Plan, out: Path, device: torch.device, journal: Journal, finished: Finished,
-                progress: ProgressBar) -> list[str]:
-    """FID / KID per cell from the saved PNGs of every image of the plan, journaled as they finish.
+                progress: ProgressBar, cells: list[Cell] | None = None) -> list[str]:
+    """FID / KID per cell (of ``cells``, default every cell of the plan) from the saved PNGs of every image of the
+    plan, journaled as they finish.
 
     ``finished`` must cover every shard's work. Cells that already have the metrics on this image set
     are skipped; returns one line per cell that could not be scored (not every image restored).
@@ -63,7 +64,7 @@ def set_metrics(plan: Plan, out: Path, device: torch.device, journal: Journal, f
     if not wanted:
         return []
     ids, key, ref_key, skipped = list(plan.ids), plan.image_set_key, None, []
-    for cell in plan.cells:
+    for cell in plan.cells if cells is None else cells:
         if set(wanted) <= finished.sets.get((cell.key, key), set()):
             continue
         if any(finished.missing(cell.key, i, ()) is None for i in ids):

@@ -124,8 +124,9 @@ def _batches(dataset, indices: list[int], batch_size: int) -> list[list[int]]:
 
 
 def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, finished: Finished,
-              progress: ProgressBar, acceleration: Acceleration = OFF) -> Execution:
-    """Run every cell of ``plan`` on this shard's images (see the module docstring)."""
+              progress: ProgressBar, acceleration: Acceleration = OFF, cell_done=None) -> Execution:
+    """Run every cell of ``plan`` on this shard's images (see the module docstring); ``cell_done(cell)`` is called
+    after each cell that ran without failing."""
     from restore.app.io import output_path
     from restore.methods import get_method
 
@@ -167,6 +168,8 @@ def run_cells(plan: Plan, out: Path, device: torch.device, journal: Journal, fin
                     seconds += elapsed
                     restored += len(ids)
                 progress.advance(len(ids))
+            if cell_done is not None:
+                cell_done(cell)
         except Exception as e:  # one broken cell must not stop the others; reported at the end
             failures.append(f"{cell.describe()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             progress.note(f"[red]failed[/red] {escape(failures[-1])}")

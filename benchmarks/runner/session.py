@@ -4,10 +4,11 @@ Input: a suite, an output folder and the process layout (torchrun's environment,
 Output: a summary dict; on rank 0 also ``results.csv``, ``run.json`` and a line in ``runs.jsonl``.
 
 Order: plan (all configuration errors before any file is written), read what earlier runs finished,
-execute this shard's cells, wait for every shard, then on rank 0 re-read every journal, compute the
-set metrics, and write the results frame and the run record (resolved suite, cells, cache folders,
-environment, fairness report of the models). ``results.csv`` and ``run.json`` are replaced atomically;
-``runs.jsonl`` gains one line per session.
+execute this shard's cells (one process computes each cell's set metrics as soon as the cell is done, so a run
+stopped later keeps them: :mod:`~benchmarks.runner.pack`), wait for every shard, then on rank 0 re-read every
+journal, compute the remaining set metrics, and write the results frame and the run record (resolved suite,
+cells, cache folders, environment, fairness report of the models). ``results.csv`` and ``run.json`` are replaced
+atomically; ``runs.jsonl`` gains one line per session.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
         try:
             bar.skip(sum(finished.missing(c.key, plan.dataset.image_id(i), suite.image_metrics) == set()
                          for c in plan.cells for i in mine))
-            done = run_cells(plan, out, dev, journal, finished, bar, acceleration)
+            def cell_done(cell) -> None:  # one process: score each cell at once, so a stopped run keeps them
+                set_metrics(plan, out, dev, journal, Finished.read(out), bar, cells=[cell])
+
+            done = run_cells(plan, out, dev, journal, finished, bar, acceleration,
+                             cell_done=cell_done if world == 1 else None)
             failures += done.failures
             distributed.barrier(world)
             if rank == 0:
