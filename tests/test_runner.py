@@ -319,3 +319,7 @@ def test_a_packed_run_continues_on_another_machine(images, tmp_path, monkeypatch
                                    values(pd.read_csv(tmp_path / "c" / "results.csv")))
     with pytest.raises(ValueError, match="already holds results"):
         unpack_run(tmp_path / "a.tar.gz", tmp_path / "b")
+    finished = pack_run(tmp_path / "b", tmp_path / "b.tar.gz")  # with run.json: every cell scored, grid PNGs only
+    assert finished["cells_unscored"] == 0 and finished["cells_scored"] == 3
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        assert sorted(Path(n).name for n in tar.getnames() if n.startswith("outputs/")) == ["im0.png"] * 3

@@ -46,13 +46,12 @@ def _journal_bytes(rows: list[dict], done: list[dict]) -> bytes:
 
 
 def _has_set_metrics(run: Path) -> bool:
-    from benchmarks.suites import parse_suite
+    from benchmarks.metrics import METRICS
 
     meta = run / "run.json"
     if not meta.is_file():
         return True  # unknown: keep what set metrics would need
-    suite = json.loads(meta.read_text())["suite"]
-    return bool(parse_suite(suite, suite.get("name", "run")).set_metrics)
+    return any(not METRICS[m].per_image for m in json.loads(meta.read_text())["suite"]["metrics"])
 
 
 def pack_run(run: str | os.PathLike, dst: str | os.PathLike) -> dict:
