@@ -74,8 +74,7 @@ def pack_run(run: str | os.PathLike, dst: str | os.PathLike) -> dict:
         image = Path(*rel.parts[4:]).with_suffix("")  # outputs/<operator>/<method>/<cell dir>/<image id>
         return image in grid or (keep_unscored and rel.parts[3][-8:] in unscored)
 
-    files = [p for p in sorted(run.rglob("*")) if p.is_file() and p.relative_to(run).parts[0] in
-             ("degraded", "reference", "outputs") and wanted(p)]
+    files = [p for p in sorted(run.rglob("*")) if p.is_file() and wanted(p)]
     files += [run / name for name in ("run.json", "runs.jsonl") if (run / name).is_file()]
     journal = _journal_bytes(rows, done)
     dst.parent.mkdir(parents=True, exist_ok=True)
