@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,19 @@ def _int_list(ctx, param, value: str) -> list[int]:
     if out and min(out) < 1:
         raise click.BadParameter(f"expected positive integers, got {value!r}")
     return out
+
+
+def _bdia_gamma(ctx, param, value: str) -> float | str:
+    """BDIA's gamma: a number in (0, 1], or "obelm"."""
+    if value == "obelm":
+        return value
+    try:
+        gamma = float(value)
+    except ValueError:
+        gamma = math.nan
+    if not 0.0 < gamma <= 1.0:
+        raise click.BadParameter(f"expected a number in (0, 1] or obelm, got {value!r}")
+    return gamma
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -355,12 +369,13 @@ def unpack(archive: Path, results: Path) -> None:
 @click.option("--edm-sampler", type=click.Choice(["heun", "bdia-edm", "ddim", "bdia", "edict"]), default="heun",
               show_default=True, help="Sampler and inversion of an EDM model (docs/methods.md#exact-inversion): "
               "Heun (ODE inversion), BDIA-EDM, BDIA-DDIM and EDICT (exact), DDIM (approximate).")
-@click.option("--gamma", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True,
-              help="BDIA's gamma for --edm-sampler bdia-edm / bdia.")
+@click.option("--gamma", default="0.5", show_default=True, callback=_bdia_gamma,
+              help="BDIA's gamma for --edm-sampler bdia-edm / bdia: a number in (0, 1], or obelm (O-BELM's "
+              "per-step gamma, docs/methods.md#o-belm-gamma).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 def generation(model: str, out: Path, data: str, reference_split: str, inversion_split: str, n: int,
-               nfes: list[int], inversion_nfes: list[int], edm_sampler: str, gamma: float, seed: int,
+               nfes: list[int], inversion_nfes: list[int], edm_sampler: str, gamma: float | str, seed: int,
                batch_size: int) -> None:
     """Generation and inversion quality of MODEL: FID/KID vs NFE, inversion MSE vs NFE, sample grids.
 
@@ -411,7 +426,8 @@ def generation(model: str, out: Path, data: str, reference_split: str, inversion
         strip = torch.cat([images[:16], *(recs[k][:16] for k in inversion_nfes)])  # rows: input, then per NFE
         write_png(image_grid(strip, 16)[None], out / "inversion.png")
 
-    label = f"{edm_sampler} gamma={gamma:g}" if edm_sampler.startswith("bdia") else edm_sampler
+    shown = gamma if isinstance(gamma, str) else f"{gamma:g}"
+    label = f"{edm_sampler} gamma={shown}" if edm_sampler.startswith("bdia") else edm_sampler
     frame = pd.DataFrame(rows).assign(model=str(model), dataset=data, seed=seed, sampler=label)
     write_csv_atomic(frame, out / "results.csv")
     summary = (frame.groupby(["metric", "nfe"], as_index=False)["value"].mean()

@@ -88,7 +88,7 @@ def _steps(nfe: int, sampler: str) -> int:
     return nfe // per_step
 
 
-def _edm_sample(model, x: torch.Tensor, sigmas, sampler: str, gamma: float, cond: dict) -> torch.Tensor:
+def _edm_sample(model, x: torch.Tensor, sigmas, sampler: str, gamma: float | str, cond: dict) -> torch.Tensor:
     """Sample with ``sampler`` along descending ``sigmas`` from a state (or, for the exact inversions, a pair)."""
     if sampler == "heun":
         return sample_heun(model, x, sigmas, extra_args=cond)
@@ -99,7 +99,7 @@ def _edm_sample(model, x: torch.Tensor, sigmas, sampler: str, gamma: float, cond
     return bdia_sample(model, x, sigmas, gamma, heun=sampler == "bdia-edm", extra_args=cond)
 
 
-def _edm_invert(model, x: torch.Tensor, sigmas, sampler: str, gamma: float, cond: dict):
+def _edm_invert(model, x: torch.Tensor, sigmas, sampler: str, gamma: float | str, cond: dict):
     """The inversion of ``sampler`` along ascending ``sigmas``: a state (Heun ODE, DDIM) or a pair (exact ones)."""
     if sampler == "heun":
         return edm_ode_invert(model, x, sigmas, extra_args=cond)
@@ -110,7 +110,7 @@ def _edm_invert(model, x: torch.Tensor, sigmas, sampler: str, gamma: float, cond
     return bdia_invert(model, x, sigmas, gamma, heun=sampler == "bdia-edm", extra_args=cond)
 
 
-def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, gamma: float,
+def _sample(model, x_T: torch.Tensor, nfe: int, generators, edm_sampler: str, gamma: float | str,
             cond: dict) -> torch.Tensor:
     if isinstance(model, BCM):
         return sample_bcm(model, x_T, nfe, generator=generators, extra_args=cond)
@@ -137,7 +137,7 @@ def sample_class_labels(model, n: int, seed: int = 0) -> torch.Tensor | None:
 
 def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
              image_shape: tuple[int, int, int] | None = None, device: str | torch.device = "cpu",
-             edm_sampler: str = "heun", gamma: float = 0.5) -> tuple[torch.Tensor, float]:
+             edm_sampler: str = "heun", gamma: float | str = 0.5) -> tuple[torch.Tensor, float]:
     """``n`` samples as uint8 ``(n, C, H, W)`` and the counted NFE per image; ``edm_sampler`` / ``gamma`` choose
     the sampler of an EDM denoiser (BDIA's gamma for "bdia-edm" / "bdia"); a class-conditional model draws the
     classes of :func:`sample_class_labels`."""
@@ -159,7 +159,7 @@ def generate(model, n: int, nfe: int, *, seed: int = 0, batch_size: int = 250,
 
 
 def reconstruct(model, images: torch.Tensor, nfe: int, *, seed: int = 0, ids: Sequence | None = None,
-                edm_sampler: str = "heun", gamma: float = 0.5, class_labels=None) -> torch.Tensor:
+                edm_sampler: str = "heun", gamma: float | str = 0.5, class_labels=None) -> torch.Tensor:
     """Invert ``images`` ([-1, 1]) to sigma_max with ``nfe`` network evaluations and regenerate them
     (``class_labels``: the images' classes, for a class-conditional model).
 
@@ -187,7 +187,7 @@ def _row(metric: str, value: float, nfe: float, seconds: float, **fields) -> dic
 
 def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Sequence[int], *, n: int = 1000,
                         seed: int = 0, batch_size: int = 250, fid_cache=None, edm_sampler: str = "heun",
-                        gamma: float = 0.5) -> tuple[list[dict], dict[int, torch.Tensor]]:
+                        gamma: float | str = 0.5) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """FID and KID of ``n`` samples per NFE against ``reference`` (an image set as `benchmarks.fid` takes it).
     Returns rows
     (``metric, value, nfe, seconds``; seconds = sampling time per image) and the samples per NFE."""
@@ -206,7 +206,7 @@ def evaluate_generation(model, reference: np.ndarray | torch.Tensor, nfes: Seque
 
 
 def evaluate_inversion(model, images: torch.Tensor, nfes: Sequence[int], *, seed: int = 0, batch_size: int = 250,
-                       edm_sampler: str = "heun", gamma: float = 0.5,
+                       edm_sampler: str = "heun", gamma: float | str = 0.5,
                        class_labels: torch.Tensor | None = None) -> tuple[list[dict], dict[int, torch.Tensor]]:
     """Per-image inversion MSE for each inversion NFE (rows with ``image_id`` = index); also the
     reconstructions per NFE, in [-1, 1]. ``class_labels``: the images' classes (class-conditional models)."""

@@ -109,3 +109,17 @@ def test_generation_command_end_to_end(tmp_path, monkeypatch, single_thread):
     assert summary["inversion_mse"]["2"] == pytest.approx(inversion.value.mean(), rel=1e-5)
     for name in ("samples_nfe1.png", "samples_nfe2.png", "inversion.png", "summary.md"):
         assert (tmp_path / "out" / name).is_file()
+
+
+def test_generation_gamma_option():
+    """--gamma takes a number in (0, 1] or obelm (O-BELM's per-step gamma); anything else is a usage error."""
+    import click
+
+    from benchmarks.cli import _bdia_gamma
+
+    assert _bdia_gamma(None, None, "obelm") == "obelm" and _bdia_gamma(None, None, "0.96") == 0.96
+    for bad in ("0", "1.5", "belm", "nan"):
+        with pytest.raises(click.BadParameter, match="obelm"):
+            _bdia_gamma(None, None, bad)
+    x, counted = generate(oracle_edm(MU, S), 3, 10, image_shape=SHAPE, edm_sampler="bdia-edm", gamma="obelm")
+    assert counted == 10 and x.shape == (3, *SHAPE)

@@ -38,7 +38,7 @@ from operators.utils import Generator
 from restore.engine.sampling import Callback, check_monotone, ddim_step, pf_ode_step
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-Gamma = float | Sequence[float] | torch.Tensor
+Gamma = float | str | Sequence[float] | torch.Tensor  # str: "obelm" (`obelm_gammas` of the levels)
 
 
 def _levels(sigmas, descending: bool, zero_start: bool = False) -> list[float]:
@@ -119,11 +119,16 @@ def ddim_invert(model, x: torch.Tensor, sigmas, *, convention: str = "standard",
 
 
 # --------------------------------------------------------------------------------------------------- BDIA
-def _gammas(gamma: Gamma, n: int) -> list[float]:
-    """gamma per level: a scalar, or one value per level of ``sigmas`` (entry k is used by the step centred
-    at sigmas[k]; the entries of the two end levels are never used)."""
+def _gammas(gamma: Gamma, levels: list[float]) -> list[float]:
+    """gamma per level: a scalar, "obelm" (`obelm_gammas` of ``levels``) or one value per level (entry k is used
+    by the step centred at levels[k]; the entries of the two end levels are never used)."""
+    n = len(levels)
     if isinstance(gamma, (int, float)):
         return [float(gamma)] * n
+    if isinstance(gamma, str):
+        if gamma != "obelm":
+            raise ValueError(f"gamma must be a number, 'obelm' or one value per level, got {gamma!r}")
+        return obelm_gammas(levels).tolist()
     g = [float(v) for v in (gamma.tolist() if isinstance(gamma, torch.Tensor) else gamma)]
     if len(g) != n:
         raise ValueError(f"gamma must be a scalar or have one value per level ({n}), got {len(g)}")
@@ -185,7 +190,7 @@ def bdia_sample(model, x: torch.Tensor | Pair, sigmas, gamma: Gamma = 1.0, *, he
     for perturbations (rounding, or data-consistency edits of the regeneration) to decay.
     """
     s = _levels(sigmas, descending=True)
-    g = _gammas(gamma, len(s))
+    g = _gammas(gamma, s)
     x_prev, x = x if isinstance(x, tuple) else (None, x)
     for i in range(0 if x_prev is None else 1, len(s) - 1):
         denoised = _denoise(model, x, i, s[i], s[i + 1], callback, extra_args)
@@ -215,7 +220,7 @@ def bdia_invert(model, x: torch.Tensor, sigmas, gamma: Gamma = 1.0, *, heun: boo
     ``bdia_sample(model, pair, sigmas.flip(0), gamma_flipped, heun=heun)``. NFE = len(sigmas) - 1 (x2 with ``heun``).
     """
     s = _levels(sigmas, descending=False)
-    g = _gammas(gamma, len(s))
+    g = _gammas(gamma, s)
     if any(v <= 0 for v in g[1:-1]):
         raise ValueError("exact BDIA inversion divides by gamma: every gamma must be > 0 (use ddim_invert for 0)")
     x_prev = None

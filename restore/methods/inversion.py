@@ -36,7 +36,6 @@ from restore.engine.exact_inversion import (
     ddim_sample,
     edict_invert,
     edict_sample,
-    obelm_gammas,
 )
 from restore.engine.sampling import Callback
 from restore.engine.schedules import karras_sigmas
@@ -109,9 +108,7 @@ def restore_bdia_restore(model, y: torch.Tensor, op, *, nfe: int, generator: Gen
         down = karras_sigmas(steps + 1, sigma_in, sigma_s, append_zero=False, device=x.device)
         up = down.flip(0)
         if method == "bdia":
-            g = obelm_gammas(down) if gamma == "obelm" else float(gamma)
-            g_up = g.flip(0) if isinstance(g, torch.Tensor) else g
-            x = bdia_sample(denoiser, bdia_invert(model, x, up, g_up, **kw), down, g, **kw)
+            x = bdia_sample(denoiser, bdia_invert(model, x, up, gamma, **kw), down, gamma, **kw)
         elif method == "edict":
             x = edict_sample(denoiser, edict_invert(model, x, up, p, **kw), down, p, **kw)
         else:
