@@ -265,7 +265,8 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
               help="First held-out image (default: right after the suite's evaluation images).")
 @click.option("--held-out-split", default=None, help="Split of the held-out images (default: the suite's).")
 @click.option("--model", "models", multiple=True, callback=_model_override, metavar="ALIAS=PATH",
-              help="Replace a model alias of the suite (repeatable).")
+              help="Tune on these weights for a model alias (repeatable); the tuned suite keeps the suite's "
+                   "reference and records their sha256.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the TPE sampler.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @acceleration_options
@@ -284,8 +285,7 @@ def tune(suite: str, out: Path, trials: int, objective: str, held_out_images: in
     from benchmarks.tune import tune_suite
 
     try:
-        loaded = load_suite(suite).with_models(models)
-        dst = tune_suite(loaded, out, trials=trials, objective=objective, held_out_images=held_out_images,
+        dst = tune_suite(load_suite(suite), out, models=models, trials=trials, objective=objective, held_out_images=held_out_images,
                          held_out_start=held_out_start, held_out_split=held_out_split, seed=seed, device=device,
                          acceleration=acceleration, echo=lambda line: click.echo(line, err=True))
     except (ValueError, OSError) as e:

@@ -26,6 +26,10 @@ A suite that is already tuned (it has a ``[tuning]`` table) is tuned further: it
 records are kept as they are, and only the other cells (e.g. methods added since) are tuned, under the same
 protocol (objective, trials, seed, held-out images, speed options; another protocol is refused) and on the same
 weights for every model alias the record names (other weights are refused). The result keeps the suite's name.
+
+``models`` (``--model ALIAS=PATH``) tunes on other weights than the suite's references, e.g. a campaign's models
+before they are bundled under the suite's names: the tuned file keeps the suite's references, and its record holds
+the sha256 of the weights the trials ran on. It also keeps the leading comment block of the suite file.
 """
 
 from __future__ import annotations
@@ -98,9 +102,11 @@ def _score(path: Path, objective: str) -> float:
 
 def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: str = "psnr",
                held_out_images: int = 100, held_out_start: int | None = None, held_out_split: str | None = None,
-               seed: int = 0, device: str | None = None, acceleration: Acceleration = OFF, echo=print) -> Path:
+               seed: int = 0, device: str | None = None, acceleration: Acceleration = OFF,
+               models: dict[str, str] | None = None, echo=print) -> Path:
     """Tune every cell of ``suite`` (see the module docstring) into ``out``; returns the tuned suite file.
-    ``acceleration`` speeds the trials' networks up and is recorded (rounding only, as in the runner)."""
+    ``acceleration`` speeds the trials' networks up and is recorded (rounding only, as in the runner); ``models``
+    replaces model aliases for the trials only."""
     import optuna
     import tomli_w
     from optuna.storages import JournalStorage
@@ -108,7 +114,8 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
 
     from benchmarks.runner import run_suite, slug
 
-    suite = load_suite(suite) if isinstance(suite, str) else suite
+    declared = load_suite(suite) if isinstance(suite, str) else suite
+    suite = declared.with_models(models or {})
     if objective not in METRICS:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(METRICS)}")
     if trials < 1:
@@ -169,10 +176,10 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
 
     write_csv_atomic(pd.DataFrame(rows), out / "trials.csv")
     models = {**suite.tuning.get("models", {}), **_tuned_models(suite, [entry for entry, *_ in tuned_entries])}
-    document = _tuned_document(suite, tuned_entries, {**protocol, "optuna": optuna.__version__, "models": models,
+    document = _tuned_document(declared, tuned_entries, {**protocol, "optuna": optuna.__version__, "models": models,
                                                       "cells": records})
     dst = out / f"{suite.name}-tuned.toml"
-    write_text_atomic(tomli_w.dumps(document), dst)
+    write_text_atomic(_leading_comments(declared.source) + tomli_w.dumps(document), dst)
     load_suite(dst)  # the file must load as a suite as it is
     return dst
 
@@ -261,6 +268,15 @@ def _tuned_document(suite: Suite, tuned: list[tuple[MethodEntry, str, int, dict]
     doc["methods"] = methods
     doc["tuning"] = _toml_safe(record)
     return doc
+
+
+def _leading_comments(source: str) -> str:
+    """The comment lines that open the suite file ``source`` (its description for readers), if any."""
+    if not source or not Path(source).is_file():
+        return ""
+    lines = Path(source).read_text().splitlines(keepends=True)
+    head = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    return "".join(lines[:head])
 
 
 def _entry_table(entry: MethodEntry) -> dict[str, Any]:

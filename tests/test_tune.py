@@ -150,3 +150,28 @@ def test_a_tuned_suite_is_tuned_further_for_the_methods_added_since(suite_file, 
     document["tuning"]["models"] = {"edm": "0" * 64}
     with pytest.raises(ValueError, match="other weights for model 'edm'"):
         tune_suite(parse_suite(document, document["name"]), tmp_path / "fourth", trials=2, held_out_images=4)
+
+
+def test_tuning_on_other_weights_keeps_the_suites_references_and_comments(suite_file, tmp_path):
+    """--model tunes on weights not yet bundled (a campaign's): the tuned file keeps the suite's model names and its
+    leading comments, and its record holds the sha256 of the weights the trials ran on."""
+    from benchmarks.tune import tune_suite
+    from restore.engine.checkpoints import save_model, weights_sha256
+    from restore.engine.networks import UNet, UNetConfig
+    from restore.engine.wrappers import EDMDenoiser
+
+    torch.manual_seed(0)
+    weights = save_model(EDMDenoiser(UNet(UNetConfig.preset("cifar-tiny"))), tmp_path / "edm.safetensors")
+    suite_file.write_text("# a DDNM suite\n# on the bundled prior\n"
+                          + suite_file.read_text().replace('name = "tune-test-scale"\nnfe = [1, 2]',
+                                                           'name = "ddnm"\nmodel = "edm"\nnfe = [1]')
+                          + '[models]\nedm = "edm-cifar10"\n')
+    tuned = tune_suite(load_suite(suite_file), tmp_path / "tune", trials=1, held_out_images=4,
+                       models={"edm": str(weights)}, echo=lambda _: None)
+    text = tuned.read_text()
+    assert text.startswith("# a DDNM suite\n# on the bundled prior\n")
+    document = tomllib.loads(text)
+    assert document["models"] == {"edm": "edm-cifar10"}
+    assert document["tuning"]["models"] == {"edm": weights_sha256(weights)} != {"edm": weights_sha256("edm-cifar10")}
+    with pytest.raises(ValueError, match="no model alias bcm"):
+        tune_suite(load_suite(suite_file), tmp_path / "bad", trials=1, held_out_images=4, models={"bcm": str(weights)})
