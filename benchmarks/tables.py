@@ -74,8 +74,9 @@ def ci95(values: np.ndarray) -> float:
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (operator, method, NFE budget), in order of first appearance; columns ``operator,
-    method, nfe, nfe_backward, <metric>_mean, <metric>_ci95, ..., seconds_per_image, params``."""
+    """One row per (operator, method, NFE budget): operators and methods in order of first appearance, each
+    method's budgets ascending together (however its cells were run); columns ``operator, method, nfe,
+    nfe_backward, <metric>_mean, <metric>_ci95, ..., seconds_per_image, params``."""
     metrics = list(dict.fromkeys(frame.metric))
     out = []
     for (operator, method, budget), g in frame.groupby(["operator", "method", "nfe_budget"], sort=False):
@@ -94,7 +95,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             row["seconds_per_image"] = math.nan
         row["params"] = int(g.params.max()) if "params" in g and g.params.notna().any() else 0
         out.append(row)
-    return pd.DataFrame(out)
+    operators, methods = ({k: i for i, k in enumerate(dict.fromkeys(frame[c]))} for c in ("operator", "method"))
+    return pd.DataFrame(sorted(out, key=lambda r: (operators[r["operator"]], methods[r["method"]], r["nfe_budget"])))
 
 
 def _fmt(v: float, ci: float = math.nan) -> str:

@@ -59,6 +59,14 @@ def test_summary_statistics():
     assert s.loc["b", "fid_mean"] == 7.0 and s.loc["a", "seconds_per_image"] == 0.5 and s.loc["a", "nfe"] == 2
 
 
+def test_summary_lists_each_methods_budgets_together_whatever_the_run_order():
+    """The runner runs low budgets of every method first; a table still lists a method's budgets in a block."""
+    runs = frame()
+    late = runs.assign(nfe_budget=runs.nfe_budget * 4, nfe=runs.nfe * 4)  # a: 2, b: 4, then a: 8, b: 16
+    order = summarize(pd.concat([runs, late], ignore_index=True))
+    assert list(zip(order.method, order.nfe_budget)) == [("a", 2), ("a", 8), ("b", 4), ("b", 16)]
+
+
 def test_markdown_latex_csv():
     md = render(frame(), "md")
     lines = md.splitlines()

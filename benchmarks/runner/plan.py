@@ -121,7 +121,9 @@ def _check_model(suite: Suite, entry, method, ref: str | None) -> Path | None:
 
 
 def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
-    """Every cell of ``suite``, in run order (operator, seed, method entry, NFE). Checks method names
+    """Every cell of ``suite``, in run order (operator, seed, NFE budget, method entry): each method's cheap
+    budgets run before anyone's expensive ones, so a long run stopped early already compares every method at low
+    NFE (tables list a method's budgets together whatever the run order). Checks method names
     against the registry, model references, the model kind each method needs and that each method
     runs on at least one operator (ValueError listing the valid choices)."""
     from restore.engine.checkpoints import weights_sha256
@@ -144,10 +146,11 @@ def resolve_cells(suite: Suite, dataset_name: str) -> list[Cell]:
             raise ValueError(f"method {entry.name!r} supports none of the suite's operators "
                              f"({', '.join(suite.operators)}); it supports: {', '.join(method.operators)}")
         runs.append((entry, ref, specs, classes > 0))
-    return [Cell(spec, entry.name, entry.label, ref, shas.get(ref), nfe, seed, dict(entry.hparams), dataset_name,
-                 conditional)
-            for spec in suite.operators for seed in suite.seeds for entry, ref, specs, conditional in runs
-            if spec in specs for nfe in entry.nfe]
+    cells = [Cell(spec, entry.name, entry.label, ref, shas.get(ref), nfe, seed, dict(entry.hparams), dataset_name,
+                  conditional)
+             for spec in suite.operators for seed in suite.seeds for entry, ref, specs, conditional in runs
+             if spec in specs for nfe in entry.nfe]
+    return sorted(cells, key=lambda c: (suite.operators.index(c.operator), suite.seeds.index(c.seed), c.nfe))
 
 
 def _check_dataset_labels(suite: Suite, dataset, cells: list[Cell]) -> None:
