@@ -285,9 +285,10 @@ def tune(suite: str, out: Path, trials: int, objective: str, held_out_images: in
     from benchmarks.tune import tune_suite
 
     try:
-        dst = tune_suite(load_suite(suite), out, models=models, trials=trials, objective=objective, held_out_images=held_out_images,
-                         held_out_start=held_out_start, held_out_split=held_out_split, seed=seed, device=device,
-                         acceleration=acceleration, echo=lambda line: click.echo(line, err=True))
+        dst = tune_suite(load_suite(suite), out, models=models, trials=trials, objective=objective,
+                         held_out_images=held_out_images, held_out_start=held_out_start,
+                         held_out_split=held_out_split, seed=seed, device=device, acceleration=acceleration,
+                         echo=lambda line: click.echo(line, err=True))
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     click.echo(json.dumps({"tuned_suite": str(dst)}))
