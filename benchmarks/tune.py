@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import replace
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,8 @@ def tune_suite(suite: Suite | str, out: str | Path, *, trials: int, objective: s
         tuned_entries.append((entry, op, nfe, {**entry.hparams, **best.params}))
 
     write_csv_atomic(pd.DataFrame(rows), out / "trials.csv")
-    models = {**suite.tuning.get("models", {}), **_tuned_models(suite, [entry for entry, *_ in tuned_entries])}
-    document = _tuned_document(declared, tuned_entries, {**protocol, "optuna": optuna.__version__, "models": models,
+    weights = {**suite.tuning.get("models", {}), **_tuned_models(suite, [entry for entry, *_ in tuned_entries])}
+    document = _tuned_document(declared, tuned_entries, {**protocol, "optuna": optuna.__version__, "models": weights,
                                                       "cells": records})
     dst = out / f"{suite.name}-tuned.toml"
     write_text_atomic(_leading_comments(declared.source) + tomli_w.dumps(document), dst)
@@ -274,9 +275,7 @@ def _leading_comments(source: str) -> str:
     """The comment lines that open the suite file ``source`` (its description for readers), if any."""
     if not source or not Path(source).is_file():
         return ""
-    lines = Path(source).read_text().splitlines(keepends=True)
-    head = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
-    return "".join(lines[:head])
+    return "".join(takewhile(lambda line: line.startswith("#"), Path(source).read_text().splitlines(keepends=True)))
 
 
 def _entry_table(entry: MethodEntry) -> dict[str, Any]:
