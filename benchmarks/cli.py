@@ -190,7 +190,9 @@ def models(suite: str, models: dict, reference: str | None, as_json: bool, stric
 @click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead of stdout.")
-def table(results: tuple[Path, ...], fmt: str, out: Path | None) -> None:
+@click.option("--max-nfe", type=click.IntRange(min=0), default=None,
+              help="Only cells whose NFE budget is at most this; bold marks the best among them.")
+def table(results: tuple[Path, ...], fmt: str, out: Path | None, max_nfe: int | None) -> None:
     """Paper tables from RESULTS (run folders or their results.csv): method x NFE by metric, per operator.
 
     Per-image metrics as mean +- 95% CI, FID/KID per cell, wall time (s/image) and parameter count;
@@ -200,11 +202,17 @@ def table(results: tuple[Path, ...], fmt: str, out: Path | None) -> None:
     Examples:
       restore-bench table results/cifar10-jpeg --format latex --out table.tex
       restore-bench table results/jpeg results/jpeg-tuned    # default and tuned cells side by side
+      restore-bench table results/cifar10-jpeg --max-nfe 4   # the low-NFE regime; the input (NFE 0) stays
     """
     from benchmarks.tables import load_runs, render
 
     try:
-        text = render(load_runs(list(results)), fmt)
+        frame = load_runs(list(results))
+        if max_nfe is not None:
+            frame = frame[frame.nfe_budget <= max_nfe]
+            if frame.empty:
+                raise ValueError(f"no cell of {', '.join(map(str, results))} has an NFE budget <= {max_nfe}")
+        text = render(frame, fmt)
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     if out is None:

@@ -128,6 +128,11 @@ def test_table_and_plot_commands_write_files(tmp_path):
     assert (tmp_path / "t.tex").read_text().count("\\begin{tabular}") == 2
     result = runner.invoke(main, ["table", str(tmp_path / "run" / "results.csv")])
     assert result.exit_code == 0 and "### down:factor=2,kernel=avg" in result.output
+    low = runner.invoke(main, ["table", str(tmp_path / "run"), "--max-nfe", "2", "--format", "csv"])
+    assert low.exit_code == 0, low.output
+    assert sorted(pd.read_csv(io.StringIO(low.output)).nfe_budget.unique()) == [0, 1, 2]
+    none = runner.invoke(main, ["table", str(tmp_path / "run"), "--max-nfe", "0", "--format", "csv"])
+    assert list(pd.read_csv(io.StringIO(none.output)).method.unique()) == ["report-test-pinv"]
     result = runner.invoke(main, ["plot", str(tmp_path / "run"), "--grid-nfe", "2"])
     assert result.exit_code == 0, result.output
     figures = tmp_path / "run" / "figures"
