@@ -253,7 +253,7 @@ def plot(results: Path, out: Path | None, grid_nfe: int | None, grid_images: int
         if (results / "run.json").is_file():
             files += image_grids(results, out, nfe=grid_nfe, images=grid_images, zoom=tuple(grid_zoom) or None)
         else:
-            click.echo(f"{results} has no run.json yet (run in progress?): image grids skipped", err=True)
+            click.echo(f"{results} has no run.json (not a run folder): image grids skipped", err=True)
     except (ValueError, OSError) as e:
         raise _fail(e) from None
     click.echo(json.dumps({"files": [str(f) for f in files]}))

@@ -140,7 +140,7 @@ def image_grids(run_dir: str | os.PathLike, out: str | os.PathLike, *, nfe: int 
     run_dir, out = Path(run_dir), Path(out)
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
-        raise ValueError(f"{run_dir} has no run.json: not a finished `restore-bench run` folder")
+        raise ValueError(f"{run_dir} has no run.json: not a `restore-bench run` folder")
     meta = json.loads(meta_path.read_text())
     seed = meta["suite"]["seeds"][0]
     files = []
@@ -151,11 +151,11 @@ def image_grids(run_dir: str | os.PathLike, out: str | os.PathLike, *, nfe: int 
         cells = [c for c in meta["cells"] if c["operator"] == operator and c["seed"] == seed]
         columns, chosen = ["degraded"], []
         for label in dict.fromkeys(c["label"] for c in cells):
-            mine = [c for c in cells if c["label"] == label]
-            budget = _pick([c["nfe"] for c in mine], nfe)
-            cell = next(c for c in mine if c["nfe"] == budget)
-            if all(output_path(run_dir / cell["dir"], i).is_file() for i in ids):
-                chosen.append(cell)
+            mine = [c for c in cells if c["label"] == label  # a run in progress: the budgets restored so far
+                    and all(output_path(run_dir / c["dir"], i).is_file() for i in ids)]
+            if mine:
+                budget = _pick([c["nfe"] for c in mine], nfe)
+                chosen.append(next(c for c in mine if c["nfe"] == budget))
                 columns.append(f"{label} (NFE {budget})" if budget else label)
         columns.append("ground truth")
         if not ids:

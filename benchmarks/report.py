@@ -64,7 +64,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     out = Path(out) if out is not None else run_dir / "report"
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
-        raise ValueError(f"{run_dir} has no run.json: not a finished `restore-bench run` folder")
+        raise ValueError(f"{run_dir} has no run.json: not a `restore-bench run` folder")
     meta = json.loads(meta_path.read_text())
     frame = load_results(run_dir)
     figures = out / "figures"
@@ -73,8 +73,13 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
 
     summary = meta["summary"]
     facts = {"suite": meta["suite"]["name"], "dataset": meta["suite"]["dataset"], "images": meta["images"],
-             "cells": summary.get("cells"), "images restored": summary.get("images_restored"),
-             "wall seconds": summary.get("wall_seconds"), "failures": len(summary.get("failures", []))}
+             "cells": summary.get("cells")}
+    if meta.get("finished", True):
+        facts.update({"images restored (last session)": summary.get("images_restored"),
+                      "wall seconds (last session)": summary.get("wall_seconds"),
+                      "failures": len(summary.get("failures", []))})
+    else:
+        facts["state"] = "in progress or stopped: the cells restored so far (a partial cell averages its images)"
     sections = [
         f"<h1>Benchmark report: {html.escape(str(facts['suite']))}</h1>",
         "<h2>Run</h2><table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"

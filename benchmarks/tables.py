@@ -12,6 +12,7 @@ column per operator (direction from :data:`benchmarks.metrics.METRICS`).
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import re
@@ -27,12 +28,20 @@ NAMES = {"psnr": "PSNR", "ssim": "SSIM", "cpsnr": "cons-PSNR", "fid": "FID", "ki
 
 
 def load_results(path: str | os.PathLike) -> pd.DataFrame:
-    """The long results frame from a run folder (its results.csv, else its journals), a .csv or a .jsonl."""
+    """The long results frame from a run folder (its results.csv, else, or while a session is adding to the run,
+    its journals), a .csv or a .jsonl."""
     from benchmarks.runner import results_frame
 
     path = Path(path)
     if path.is_dir():
-        frame = pd.read_csv(path / "results.csv") if (path / "results.csv").is_file() else results_frame(path)
+        meta = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+        if (path / "results.csv").is_file() and meta.get("finished", True):
+            frame = pd.read_csv(path / "results.csv")
+        else:  # the run's current cells only, under their labels
+            frame = results_frame(path)
+            if meta and not frame.empty:
+                label = {c["key"]: c["label"] for c in meta["cells"]}
+                frame = frame[frame.cell.isin(label)].assign(method=lambda f: f.cell.map(label))
     elif path.suffix == ".jsonl":
         frame = pd.read_json(path, lines=True)
     elif path.suffix == ".csv":

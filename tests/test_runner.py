@@ -121,6 +121,28 @@ def test_end_to_end_long_table(images, tmp_path):
         assert len(list((tmp_path / "out" / cell["dir"]).glob("*.png"))) == 4
 
 
+def test_a_stopped_run_reads_as_its_cells_so_far(images, tmp_path):
+    from benchmarks.report import write_report
+    from benchmarks.tables import load_results
+
+    out = tmp_path / "out"
+    run_suite(make_suite(images, operators=["jpeg:quality=10"]), out, progress=False)  # finished: results.csv
+    first = load_results(out)
+    assert json.loads((out / "run.json").read_text())["finished"] is True
+    grown = make_suite(images, operators=["jpeg:quality=10"],
+                       methods=[{"name": "run-test-pinv", "nfe": [0]}, {"name": "run-test-noisy", "nfe": [1, 2]}])
+    KILL_AFTER.append(1)  # the new 2-NFE cell dies in its second batch: results.csv is stale from here on
+    with pytest.raises(Killed):
+        run_suite(grown, out, progress=False)
+    assert json.loads((out / "run.json").read_text())["finished"] is False
+    frame = load_results(out)
+    cells = frame.groupby(["method", "nfe_budget"]).image_id.nunique().to_dict()
+    assert cells == {("run-test-pinv", 0): 4, ("run-test-noisy", 1): 4, ("run-test-noisy", 2): 2}  # not NFE 0
+    assert ("run-test-noisy", 0) in set(zip(first.method, first.nfe_budget))
+    report, _ = write_report(out)
+    assert "in progress or stopped" in report.read_text() and "run-test-noisy" in report.read_text()
+
+
 def test_resume_after_kill_recomputes_nothing_finished(images, tmp_path):
     suite, out = make_suite(images), tmp_path / "out"
     KILL_AFTER.append(5)  # dies inside the 6th of 12 batches

@@ -7,8 +7,10 @@ Order: plan (all configuration errors before any file is written), read what ear
 execute this shard's cells (one process computes each cell's set metrics as soon as the cell is done, so a run
 stopped later keeps them: :mod:`~benchmarks.runner.pack`), wait for every shard, then on rank 0 re-read every
 journal, compute the remaining set metrics, and write the results frame and the run record (resolved suite,
-cells, cache folders, environment, fairness report of the models). ``results.csv`` and ``run.json`` are replaced
-atomically; ``runs.jsonl`` gains one line per session.
+cells, cache folders, environment, fairness report of the models). Rank 0 writes the run record once before
+executing too, marked ``"finished": false``, so that `report` and `plot` can show a run in progress (or one that
+was stopped) from what its journals hold; the session's end rewrites it with ``"finished": true``.
+``results.csv`` and ``run.json`` are replaced atomically; ``runs.jsonl`` gains one line per session.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
         warnings.warn(line, stacklevel=2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _write_run_record(plan, out, dev, limit, acceleration, {"cells": len(plan.cells), "images": len(plan.ids)},
+                          finished=False)
     finished = Finished.read(out)
     mine = plan.mine
     failures: list[str] = []
@@ -86,23 +91,31 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
 def _write_records(plan, out: Path, device: torch.device, limit: int | None, summary: dict[str, Any],
                    acceleration: Acceleration) -> None:
     """``results.csv``, ``run.json`` and a line in ``runs.jsonl``; adds rows and fairness violations to ``summary``."""
+    frame = results_frame(out, list(plan.cells), plan.suite, list(plan.ids))
+    write_csv_atomic(frame, out / "results.csv")
+    summary["rows"] = len(frame)
+    record = _write_run_record(plan, out, device, limit, acceleration, summary, finished=True)
+    with open(out / "runs.jsonl", "a", encoding="utf-8") as f:  # every session that added results
+        f.write(json.dumps({"environment": record["environment"], "summary": summary}, default=str) + "\n")
+
+
+def _write_run_record(plan, out: Path, device: torch.device, limit: int | None, acceleration: Acceleration,
+                      summary: dict[str, Any], *, finished: bool) -> dict[str, Any]:
+    """Write ``run.json`` (resolved suite, cells, cache folders, environment, fairness report) and return it; adds
+    the fairness violations to ``summary``."""
     from benchmarks.fairness import fairness_report
 
     suite, cells, ids = plan.suite, list(plan.cells), list(plan.ids)
-    frame = results_frame(out, cells, suite, ids)
-    write_csv_atomic(frame, out / "results.csv")
-    summary["rows"] = len(frame)
     models = fairness_report(suite.model_refs)
     summary["fairness_violations"] = models["violations"]
     record = {
-        "suite": suite.to_dict(), "images": len(ids), "limit": limit, "acceleration": acceleration.to_dict(),
-        "environment": environment(device, plan.world_size), "models": models, "summary": summary,
-        "grid_ids": ids[:GRID_IMAGES],
+        "suite": suite.to_dict(), "images": len(ids), "limit": limit, "finished": finished,
+        "acceleration": acceleration.to_dict(), "environment": environment(device, plan.world_size),
+        "models": models, "summary": summary, "grid_ids": ids[:GRID_IMAGES],
         "cells": [{"key": c.key, "label": c.label, "dir": str(c.out_dir(out).relative_to(out)), **c.config,
                    "model": c.model, "class_labels": c.class_labels} for c in cells],
         "degraded": {spec: {seed: str(degraded_dir(out, plan.dataset.name, spec, seed).relative_to(out))
                             for seed in suite.seeds} for spec in suite.operators},
     }
     write_text_atomic(json.dumps(record, indent=1, default=str) + "\n", out / "run.json")
-    with open(out / "runs.jsonl", "a", encoding="utf-8") as f:  # every session that added results
-        f.write(json.dumps({"environment": record["environment"], "summary": summary}, default=str) + "\n")
+    return record
