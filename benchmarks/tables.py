@@ -38,10 +38,7 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
         if (path / "results.csv").is_file() and meta.get("finished", True):
             frame = pd.read_csv(path / "results.csv")
         else:  # the run's current cells only, under their labels
-            frame = results_frame(path)
-            if meta and not frame.empty:
-                label = {c["key"]: c["label"] for c in meta["cells"]}
-                frame = frame[frame.cell.isin(label)].assign(method=lambda f: f.cell.map(label))
+            frame = results_frame(path, {c["key"]: c["label"] for c in meta["cells"]} if meta else None)
     elif path.suffix == ".jsonl":
         frame = pd.read_json(path, lines=True)
     elif path.suffix == ".csv":

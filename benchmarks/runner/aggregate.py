@@ -85,13 +85,13 @@ def set_metrics(plan: Plan, out: Path, device: torch.device, journal: Journal, f
     return skipped
 
 
-def results_frame(out: str | os.PathLike, cells: list[Cell] | None = None, suite: Suite | None = None,
+def results_frame(out: str | os.PathLike, labels: dict[str, str] | None = None, suite: Suite | None = None,
                   ids: list[str] | None = None):
     """The long results table of an output folder (pandas DataFrame, :data:`COLUMNS` first).
 
-    Merges every journal; the last committed value of each (cell, image, metric) wins. With ``cells``
-    only those cells are kept and their labels are taken from them; with ``suite`` and ``ids`` (the
-    current images) only those images and the set metrics computed on exactly them.
+    Merges every journal; the last committed value of each (cell, image, metric) wins. With ``labels`` (cell
+    key -> method label, in the run's cell order) only those cells are kept, in that order, under those labels;
+    with ``suite`` and ``ids`` (the current images) only those images and the set metrics computed on exactly them.
     """
     import pandas as pd
 
@@ -107,10 +107,9 @@ def results_frame(out: str | os.PathLike, cells: list[Cell] | None = None, suite
         frame = frame.assign(suite=suite.name)
         keep = frame.image_id.isin(ids) | ((frame.image_id == "*") & (frame.set_key == set_key(suite, list(ids))))
         frame = frame[keep]
-    if cells is not None:
-        label = {c.key: c.label for c in cells}
-        order = {c.key: k for k, c in enumerate(cells)}
-        frame = frame[frame.cell.isin(label)].assign(method=lambda f: f.cell.map(label))
+    if labels is not None:
+        order = {key: k for k, key in enumerate(labels)}
+        frame = frame[frame.cell.isin(labels)].assign(method=lambda f: f.cell.map(labels))
         frame = frame.sort_values(by=["cell", "image_id"], key=lambda s: s.map(order) if s.name == "cell" else s,
                                   kind="stable")
     extra = [c for c in frame.columns if c not in COLUMNS and c not in ("unit", "set_key")]

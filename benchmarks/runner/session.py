@@ -91,7 +91,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, limit: int | None = None,
 def _write_records(plan, out: Path, device: torch.device, limit: int | None, summary: dict[str, Any],
                    acceleration: Acceleration) -> None:
     """``results.csv``, ``run.json`` and a line in ``runs.jsonl``; adds rows and fairness violations to ``summary``."""
-    frame = results_frame(out, list(plan.cells), plan.suite, list(plan.ids))
+    frame = results_frame(out, {c.key: c.label for c in plan.cells}, plan.suite, list(plan.ids))
     write_csv_atomic(frame, out / "results.csv")
     summary["rows"] = len(frame)
     record = _write_run_record(plan, out, device, limit, acceleration, summary, finished=True)
