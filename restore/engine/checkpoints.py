@@ -54,19 +54,16 @@ class BundledModel:
 # Checkpoints shipped with the package, by name (`load_model(name)`, `restore models`).
 # To add one: put ``<file>.safetensors`` (written by `save_model`, with a card) in restore/weights/
 # and add an entry here; see restore/weights/README.md.
+_CAMPAIGN = "cifar-tiny UNet, CIFAR-10 32x32; campaign budget 5e5 GFLOP (docs/results/campaign)"
 BUNDLED_MODELS: dict[str, BundledModel] = {
-    "bcm-cifar10": BundledModel("bcm-cifar10.safetensors",
-                                "BCM (BCT from scratch), cifar-tiny UNet 0.81 M params, CIFAR-10 32x32; "
-                                "smoke-level budget",
+    "bcm-cifar10": BundledModel("bcm-cifar10.safetensors", f"BCM (BCD from edm-cifar10), 0.81 M params, {_CAMPAIGN}",
                                 "BCM restoration, 1-4 step sampling, inversion"),
-    "edm-cifar10": BundledModel("edm-cifar10.safetensors",
-                                "EDM denoiser, cifar-tiny UNet 0.76 M params, CIFAR-10 32x32; smoke-level budget",
+    "edm-cifar10": BundledModel("edm-cifar10.safetensors", f"EDM denoiser, 0.76 M params, {_CAMPAIGN}",
                                 "diffusion prior for BDIA/EDICT, DPS, PiGDM, DDRM, DDNM"),
 }
-# The trained conditional baselines, one per operator, on bcm-cifar10's budget (restore.records.fairness).
+# The trained conditional baselines, one per operator, on bcm-cifar10's compute (restore.records.fairness).
 BUNDLED_MODELS.update({
-    f"{family}-cifar10-{tag}": BundledModel(f"{family}-cifar10-{tag}.safetensors",
-                                            f"{what} for {spec}, cifar-tiny UNet, CIFAR-10 32x32; smoke-level budget",
+    f"{family}-cifar10-{tag}": BundledModel(f"{family}-cifar10-{tag}.safetensors", f"{what} for {spec}, {_CAMPAIGN}",
                                             f"the {family} baseline on {spec}")
     for family, what in (("palette", "Palette (conditional EDM denoiser)"), ("i2sb", "I2SB (Schrödinger bridge)"))
     for tag, spec in (("jpeg10", "jpeg:quality=10"), ("box16", "box:size=16"))
