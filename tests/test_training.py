@@ -61,7 +61,7 @@ def test_runs_saved_before_a_new_network_field_resume(tmp_path):
               progress=False)
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
     """6 steps in one go == 3 steps + resume + 3 steps: weights, EMA and optimizer state, exactly."""
     config = TrainConfig(steps=6, batch=4, lr=1e-3, ema_rate=0.9, lr_warmup=2, grad_clip=1.0, channels_last=True,
                          ckpt_every=2, log_every=1)
@@ -97,9 +97,13 @@ def test_resume_is_bit_exact(tmp_path):
                                                    for r in logs[1]]
     assert len(list((tmp_path / "part").glob("state-*.safetensors"))) == 1
 
-    # Finished runs do nothing; a changed recipe is refused with the list of differences.
+    # Finished runs do nothing, and keep the environment that trained them (a campaign re-runs finished members);
+    # a changed recipe is refused with the list of differences.
+    trained_in = json.loads((tmp_path / "full" / "config.json").read_text())["environment"]
+    monkeypatch.setattr("training.loop.environment", lambda: {"git": {"commit": "a later commit"}})
     again = train(BCM(tiny_net(True, dropout=0.2)), loss, data, config, tmp_path / "full", progress=False)
     assert again.step == 6
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["environment"] == trained_in
     with pytest.raises(ValueError, match="train.lr"):
         train(BCM(tiny_net(True, dropout=0.2)), loss, data, TrainConfig(**{**config.to_dict(), "lr": 2e-3, "steps": 7}),
               tmp_path / "full", progress=False)

@@ -210,7 +210,7 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
 
     described = _describe(model, loss, data, config, meta)
     config_path = run_dir / CONFIG_JSON
-    step, images = 0, 0
+    step, images, stored = 0, 0, {}
     if has_state(run_dir):
         stored = json.loads(config_path.read_text())
         _check_resume(stored, described, getattr(getattr(model, "net", None), "config", None))
@@ -224,7 +224,9 @@ def train(model: nn.Module, loss, data, config: TrainConfig, run_dir: str | Path
             compute = training_flops(model, loss, data, step=step, seed=config.seed, bf16=config.bf16,
                                      channels_last=config.channels_last, device=device,
                                      batch=min(MEASURE_BATCH, config.batch // world))
-        env = {**environment(), "device": _device_name(device)}
+        # re-running a finished run trains nothing: it keeps the environment (git, host) that trained it
+        env = (stored["environment"] if step >= config.steps and "environment" in stored
+               else {**environment(), "device": _device_name(device)})
         write_text_atomic(json.dumps({**described, "compute": compute, "environment": env}, indent=1),
                           config_path)
     gflop_per_image = compute["gflop_per_image"] if compute else None
