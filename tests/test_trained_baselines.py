@@ -303,7 +303,8 @@ def test_help_shows_examples(command):
 # --------------------------------------------------------------------------------------------- bundled models
 
 @pytest.mark.parametrize("family", ["palette", "i2sb"])
-@pytest.mark.parametrize("tag, spec", [("jpeg10", "jpeg:quality=10"), ("box16", "box:size=16")])
+@pytest.mark.parametrize("tag, spec", [("jpeg10", "jpeg:quality=10"), ("box16", "box:size=16"),
+                                       ("sr2", "down:factor=2,kernel=bicubic")])
 def test_bundled_models_restore_through_restore_run(family, tag, spec, cifar_test_uint8, tmp_path):
     from PIL import Image
 
@@ -333,14 +334,16 @@ def test_restore_run_refuses_a_conditional_model_on_another_operator(cifar_test_
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
-def test_bundled_i2sb_beats_the_decoded_jpeg(cifar_test):
-    """The one-step I2SB trained on 16k images already improves on the JPEG-10 decode (+1.1 dB on 100 images)."""
+@pytest.mark.parametrize("tag, spec", [("jpeg10", "jpeg:quality=10"), ("sr2", "down:factor=2,kernel=bicubic")])
+def test_bundled_i2sb_beats_the_pseudo_inverse(tag, spec, cifar_test):
+    """The bundled one-step I2SB improves on the JPEG-10 decode by 1.4 dB and on the SR x2 pseudo-inverse (itself
+    0.9 dB above bicubic) by 1.7 dB, on these 64 images."""
     from restore.quality import psnr
 
     x = cifar_test[:64]
-    op = build_operator("jpeg:quality=10")
+    op = build_operator(spec)
     y = op.measure(x)
     with torch.inference_mode():
-        x_hat = get_method("i2sb")(load_model("i2sb-cifar10-jpeg10"), y, op, nfe=1, generator=gens(*range(64)))
+        x_hat = get_method("i2sb")(load_model(f"i2sb-cifar10-{tag}"), y, op, nfe=1, generator=gens(*range(64)))
     gain = psnr(x_hat, x).mean() - psnr(op.pinv(y), x).mean()
-    assert gain > 0.5, gain
+    assert gain > 1.0, gain

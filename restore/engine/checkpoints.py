@@ -66,7 +66,7 @@ BUNDLED_MODELS.update({
     f"{family}-cifar10-{tag}": BundledModel(f"{family}-cifar10-{tag}.safetensors", f"{what} for {spec}, {_CAMPAIGN}",
                                             f"the {family} baseline on {spec}")
     for family, what in (("palette", "Palette (conditional EDM denoiser)"), ("i2sb", "I2SB (Schrödinger bridge)"))
-    for tag, spec in (("jpeg10", "jpeg:quality=10"), ("box16", "box:size=16"))
+    for tag, spec in (("jpeg10", "jpeg:quality=10"), ("box16", "box:size=16"), ("sr2", "down:factor=2,kernel=bicubic"))
 })
 
 
