@@ -149,5 +149,7 @@ def test_builtin_quick_suite_dry_run(tmp_path):
     shared_file("cifar10_test.npz")
     result = CliRunner().invoke(main, ["run", "quick", "--dry-run", "--device", "cpu", "--out", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
-    assert "total: 36 cells" in result.output and "GFLOP/s on cpu" in result.output
+    suite = load_suite("quick")  # every (method entry, operator, NFE, seed) is one cell
+    cells = sum(len(m.operators or suite.operators) * len(m.nfe) for m in suite.methods) * len(suite.seeds)
+    assert f"total: {cells} cells" in result.output and "GFLOP/s on cpu" in result.output
     assert not (tmp_path / "q").exists()
