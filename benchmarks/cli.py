@@ -303,6 +303,34 @@ def tune(suite: str, out: Path, trials: int, objective: str, held_out_images: in
 
 
 @main.command()
+@click.argument("suite")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv"]), default="md", show_default=True)
+def tuning(suite: str, fmt: str) -> None:
+    """How SUITE was tuned: its [tuning] record (written by `restore-bench tune`) as one line on the protocol and a
+    table of every tuned cell with the held-out score of the default and of the chosen values, and both value sets.
+
+    \b
+    Examples:
+      restore-bench tuning cifar10-jpeg
+      restore-bench tuning results/tune-jpeg/cifar10-jpeg-tuned.toml --format csv
+    """
+    from benchmarks.suites import load_suite
+    from benchmarks.tune import tuning_frame, tuning_summary
+
+    try:
+        record = load_suite(suite).tuning
+        if not record:
+            raise ValueError(f"suite {suite!r} has no [tuning] record: it was not tuned (restore-bench tune)")
+    except (ValueError, OSError) as e:
+        raise _fail(e) from None
+    frame = tuning_frame(record)
+    if fmt == "csv":
+        click.echo(frame.to_csv(index=False).rstrip("\n"))
+    else:
+        click.echo(f"Objective: {tuning_summary(record)}.\n\n{frame.to_markdown(index=False, floatfmt='.2f')}")
+
+
+@main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: RESULTS/report).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pandas as pd
@@ -92,6 +93,26 @@ def test_tune_gives_every_cell_the_same_trials_and_writes_a_runnable_suite(suite
     assert [c["best_params"] for c in redo["cells"]] == [c["best_params"] for c in record["cells"]]
     bad = CliRunner().invoke(main, [*args[:4], "--objective", "lpips"])
     assert bad.exit_code != 0 and "unknown objective" in bad.output
+
+
+def test_tuning_prints_the_record_of_a_tuned_suite_and_refuses_an_untuned_one(suite_file, tmp_path):
+    out = tmp_path / "tune"
+    assert CliRunner().invoke(main, ["tune", str(suite_file), "--out", str(out), "--trials", "2",
+                                     "--held-out-images", "4"]).exit_code == 0
+    tuned = out / "suite-tuned.toml"
+    record = tomllib.loads(tuned.read_text())["tuning"]
+    md = CliRunner().invoke(main, ["tuning", str(tuned)])
+    assert md.exit_code == 0, md.output
+    assert "4 held-out images" in md.output and "2 trials per cell" in md.output
+    rows = [line for line in md.output.splitlines() if line.startswith("| tune-test-scale")]
+    assert len(rows) == 2 and all("factor=0.4 " in r for r in rows)  # the default values of both cells
+    csv = CliRunner().invoke(main, ["tuning", str(tuned), "--format", "csv"])
+    frame = pd.read_csv(io.StringIO(csv.output))
+    assert frame["NFE"].tolist() == [1, 2]
+    assert frame["tuned"].tolist() == pytest.approx([c["best"] for c in record["cells"]])
+    assert frame["default"].tolist() == pytest.approx([c["default"] for c in record["cells"]])
+    untuned = CliRunner().invoke(main, ["tuning", str(suite_file)])
+    assert untuned.exit_code != 0 and "no [tuning] record" in untuned.output
 
 
 def test_a_tuned_suite_run_on_other_weights_is_flagged(suite_file):
