@@ -31,6 +31,16 @@ def shared_file(name: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory):
+    """Tests never write to the user's feature cache (~/.cache/bcm-restore, where a benchmark on the same machine
+    looks for its FID reference): one fresh cache per test session."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("BCM_RESTORE_CACHE", str(tmp_path_factory.mktemp("bcm-restore-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def cifar_test_uint8() -> np.ndarray:
     """The first 256 CIFAR-10 test images, uint8 NHWC."""
