@@ -110,7 +110,8 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
 
     --dry-run prints the cost instead and writes nothing (benchmarks.runner.cost): per cell the NFE per image
     the counter will report, GFLOP per network forward (torch's FLOP counter; a backward counts as 2 forwards)
-    and in total, and the time at the network throughput measured on this device.
+    and in total, and the time at the network throughput measured on this device. When --out holds a run, also
+    how many images each cell has restored, which cells are complete, and what is left to spend.
 
     \b
     Examples:
@@ -131,7 +132,7 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
         if data:
             spec = spec.with_dataset(data)
         if dry_run:
-            _dry_run(spec, limit, device, acceleration, as_json)
+            _dry_run(spec, out or Path("results") / spec.name, limit, device, acceleration, as_json)
             return
         summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress,
                             acceleration=acceleration)
@@ -145,13 +146,14 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
         raise click.ClickException(f"{len(summary['failures'])} cell(s) failed; first: {summary['failures'][0]}")
 
 
-def _dry_run(suite, limit: int | None, device: str | None, acceleration, as_json: bool) -> None:
-    """Print the cost estimate of ``suite`` (no output folder, no run)."""
+def _dry_run(suite, out: Path, limit: int | None, device: str | None, acceleration, as_json: bool) -> None:
+    """Print the cost estimate of ``suite``, less what the output folder ``out`` already holds (writes nothing)."""
+    from benchmarks.runner import Finished, make_plan
     from benchmarks.runner.cost import estimate_cost
-    from benchmarks.runner.plan import make_plan
     from restore.runtime import distributed
 
-    cost = estimate_cost(make_plan(suite, limit), distributed.setup(device)[2], acceleration)
+    finished = Finished.read(out) if (out / "records").is_dir() else None
+    cost = estimate_cost(make_plan(suite, limit), distributed.setup(device)[2], acceleration, finished)
     click.echo(json.dumps(cost.to_json(), indent=1) if as_json else cost.render())
 
 

@@ -98,7 +98,8 @@ def test_dry_run_counts_what_the_run_counts_and_totals_add_up(suite_file, tmp_pa
     assert run.est_seconds.to_list() == pytest.approx((run.gflop_total / speed).to_list())
     assert (cells[cells.nfe == 0][["gflop_total", "est_seconds"]] == 0).all(axis=None)
     total = {"cells": 8, "gflop": cells.gflop_total.sum(), "seconds": cells.est_seconds.sum()}
-    assert cost["total"] == pytest.approx(total)
+    assert cost["total"] == pytest.approx({**total, **{f"{k}_left": v for k, v in total.items()}})  # nothing done
+    assert not cost["resumed"] and (cells.restored == 0).all() and not cells.complete.any()
     assert cost["throughput_batch"] == THROUGHPUT_BATCH
 
     run_suite(load_suite(str(suite_file)), out, progress=False, device="cpu")
@@ -108,6 +109,25 @@ def test_dry_run_counts_what_the_run_counts_and_totals_add_up(suite_file, tmp_pa
     pd.testing.assert_frame_equal(predicted, counted.sort_index(), check_dtype=False)
     assert predicted.loc[("cost-test-bcm", 2, 0)].to_list() == [3, 0]  # nfe + extra
     assert predicted.loc[("dps", 2, 1)].to_list() == [2, 2]  # one forward and one backward per step
+
+
+def test_dry_run_on_a_run_folder_counts_what_is_left(suite_file, tmp_path):
+    out, suite = tmp_path / "out", load_suite(str(suite_file))
+    run_suite(suite, out, limit=2, progress=False, device="cpu")  # 2 of the 3 images, every cell
+    cost = _dry_run(str(suite_file), "--out", str(out), "--device", "cpu")
+    cells = pd.DataFrame(cost["cells"])
+    assert cost["resumed"] and (cells.restored == 2).all() and not cells.complete.any()
+    assert cells.est_seconds_left.to_list() == pytest.approx((cells.est_seconds / 3).to_list())
+    assert cost["total"]["cells_left"] == 8
+    assert cost["total"]["gflop_left"] == pytest.approx(cells.gflop_total.sum() / 3)
+    assert cost["total"]["seconds_left"] == pytest.approx(cells.est_seconds.sum() / 3)
+
+    run_suite(suite, out, progress=False, device="cpu")
+    result = CliRunner().invoke(main, ["run", str(suite_file), "--out", str(out), "--device", "cpu", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "left: 0 cells, 0 GFLOP, about 0 s" in result.output
+    cells = pd.DataFrame(_dry_run(str(suite_file), "--out", str(out), "--device", "cpu")["cells"])
+    assert (cells.restored == 3).all() and cells.complete.all() and (cells.est_seconds_left == 0).all()
 
 
 def test_the_real_network_runs_only_to_be_measured(suite_file, checkpoints, monkeypatch):

@@ -25,6 +25,11 @@ Per cell (operator x method entry x NFE budget x seed):
   JPEG codec, projections, metrics, FID's Inception passes or file I/O), and a small batch under-uses a GPU, so it
   is a rough guide. ``--compile`` is not applied here (compiling would take longer than the estimate and changes no
   FLOP count).
+
+Given what an existing output folder holds (:class:`~benchmarks.runner.journal.Finished`), each row also says how
+many of the cell's images the method has ``restored`` and whether the cell is ``complete`` (image and set metrics
+done), and ``est_seconds_left`` counts only the images still to restore; the totals add what is left. A run spanning
+sessions reads there what its next session will spend.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from torch import nn
 
 from benchmarks.runner.execute import batch_generators, load_model
+from benchmarks.runner.journal import Finished
 from benchmarks.runner.plan import Cell, Plan
 from benchmarks.suites import config_hash
 from operators import build_operator
@@ -48,7 +54,7 @@ THROUGHPUT_BATCH = 4  # images in the timed forward batch
 TIMED_CALLS = 3  # the fastest counts: the one least disturbed by other work on the machine
 
 COST_COLUMNS = ["operator", "method", "nfe_budget", "seed", "model", "images", "nfe", "nfe_backward", "gflop_forward",
-                "gflop_per_image", "gflop_total", "est_seconds"]
+                "gflop_per_image", "gflop_total", "est_seconds", "restored", "complete", "est_seconds_left"]
 
 
 @dataclass(frozen=True)
@@ -139,21 +145,26 @@ def _probe(cell: Cell, model: nn.Module, stand_in: _StandIn, x: torch.Tensor, im
 
 @dataclass(frozen=True)
 class Cost:
-    """The estimate of a run: one row per cell (:data:`COST_COLUMNS`), the device and the measured networks."""
+    """The estimate of a run: one row per cell (:data:`COST_COLUMNS`), the device and the measured networks;
+    ``resumed``: whether the rows count what an existing output folder has finished."""
 
     rows: pd.DataFrame
     device: str
     networks: dict[str, Network]
+    resumed: bool = False
 
     @property
     def total(self) -> dict[str, float]:
-        return {"cells": len(self.rows), "gflop": float(self.rows.gflop_total.sum()),
-                "seconds": float(self.rows.est_seconds.sum())}
+        rows, left = self.rows, self.rows[~self.rows.complete]
+        share_left = 1 - left.restored / left.images
+        return {"cells": len(rows), "gflop": float(rows.gflop_total.sum()), "seconds": float(rows.est_seconds.sum()),
+                "cells_left": len(left), "gflop_left": float((left.gflop_total * share_left).sum()),
+                "seconds_left": float(rows.est_seconds_left.sum())}
 
     def to_json(self) -> dict:
         return {"device": self.device, "cells": self.rows.to_dict(orient="records"), "total": self.total,
                 "networks": {m: asdict(n) for m, n in self.networks.items()}, "backward_cost": BACKWARD_COST,
-                "throughput_batch": THROUGHPUT_BATCH}
+                "throughput_batch": THROUGHPUT_BATCH, "resumed": self.resumed}
 
     def render(self) -> str:
         total = self.total
@@ -162,11 +173,16 @@ class Cost:
                   f"{self.device} (batch {THROUGHPUT_BATCH})" for m, n in self.networks.items()]
         lines.append(f"total: {total['cells']} cells, {total['gflop']:.4g} GFLOP, about {total['seconds']:.3g} s of "
                      f"network time on {self.device} (backward = {BACKWARD_COST:g} forwards; network work only)")
+        if self.resumed:
+            lines.append(f"left: {total['cells_left']} cells, {total['gflop_left']:.4g} GFLOP, about "
+                         f"{total['seconds_left']:.3g} s of network time (the images not restored yet)")
         return "\n".join(lines)
 
 
-def estimate_cost(plan: Plan, device: torch.device, acceleration: Acceleration = OFF) -> Cost:
-    """The cost of running ``plan`` on ``device`` (see the module docstring); runs no method on the suite."""
+def estimate_cost(plan: Plan, device: torch.device, acceleration: Acceleration = OFF,
+                  finished: Finished | None = None) -> Cost:
+    """The cost of running ``plan`` on ``device``, less what ``finished`` (an output folder's journals) holds (see
+    the module docstring); runs no method on the suite."""
     ids, x = plan.dataset.get_batch([plan.indices[0]])
     x = x.to(device)
     speed = Acceleration(acceleration.bf16, acceleration.channels_last)  # compiling would outlast the probe
@@ -190,10 +206,14 @@ def estimate_cost(plan: Plan, device: torch.device, acceleration: Acceleration =
         network = models[cell.model][1].network if cell.model is not None else None
         gflop = network.gflop_forward if network else 0.0
         per_image = gflop * (forward + BACKWARD_COST * backward)
-        total = per_image * len(plan.ids)
+        images = len(plan.ids)
+        total = per_image * images
+        seconds = total / network.gflop_per_second if network else 0.0
+        restored, complete = finished.progress(plan, cell) if finished else (0, False)
         rows.append({"operator": cell.operator, "method": cell.label, "nfe_budget": cell.nfe, "seed": cell.seed,
-                     "model": cell.model or "", "images": len(plan.ids), "nfe": forward, "nfe_backward": backward,
+                     "model": cell.model or "", "images": images, "nfe": forward, "nfe_backward": backward,
                      "gflop_forward": gflop, "gflop_per_image": per_image, "gflop_total": total,
-                     "est_seconds": total / network.gflop_per_second if network else 0.0})
+                     "est_seconds": seconds, "restored": restored, "complete": complete,
+                     "est_seconds_left": seconds * (images - restored) / images})
     networks = {ref: stand_in.network for ref, (_, stand_in) in models.items() if stand_in.network is not None}
-    return Cost(pd.DataFrame(rows, columns=COST_COLUMNS), str(device), networks)
+    return Cost(pd.DataFrame(rows, columns=COST_COLUMNS), str(device), networks, finished is not None)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from benchmarks.runner.plan import Cell
+from benchmarks.runner.plan import Cell, Plan
 
 COLUMNS = ["suite", "dataset", "image_id", "operator", "method", "nfe", "seed", "metric", "value", "seconds",
            "nfe_budget", "nfe_backward", "model", "params", "cell"]
@@ -167,6 +167,14 @@ class Finished:
         """None: the method has not run on the image; else the metrics still to compute."""
         rec = self.images.get((cell, image_id))
         return None if rec is None or "seconds" not in rec else set(metrics) - rec["metrics"]
+
+    def progress(self, plan: Plan, cell: Cell) -> tuple[int, bool]:
+        """``(restored, complete)`` of ``cell`` on ``plan``'s images: how many its method has restored, and whether
+        the cell needs no more work (every image with every image metric, the set metrics on exactly these images)."""
+        missing = [self.missing(cell.key, i, plan.suite.image_metrics) for i in plan.ids]
+        restored = sum(m is not None for m in missing)
+        scored = set(plan.suite.set_metrics) <= self.sets.get((cell.key, plan.image_set_key), set())
+        return restored, scored and all(m == set() for m in missing)
 
     def record(self, cell: str, image_id: str) -> dict:
         """The finished image's ``{"seconds", "nfe", "nfe_backward", "params", "metrics"}``."""
