@@ -194,7 +194,12 @@ def models(suite: str, models: dict, reference: str | None, as_json: bool, stric
               help="Write here instead of stdout.")
 @click.option("--max-nfe", type=click.IntRange(min=0), default=None,
               help="Only cells whose NFE budget is at most this; bold marks the best among them.")
-def table(results: tuple[Path, ...], fmt: str, out: Path | None, max_nfe: int | None) -> None:
+@click.option("--metrics", default="", metavar="M1,M2,...",
+              help="Only these metric columns (default: every metric of the runs).")
+@click.option("--complete", is_flag=True,
+              help="Only cells that have every set metric (leaves out a cell whose FID is not computed yet).")
+def table(results: tuple[Path, ...], fmt: str, out: Path | None, max_nfe: int | None, metrics: str,
+          complete: bool) -> None:
     """Paper tables from RESULTS (run folders or their results.csv): method x NFE by metric, per operator.
 
     Per-image metrics as mean +- 95% CI, FID/KID per cell, wall time (s/image) and parameter count;
@@ -205,11 +210,12 @@ def table(results: tuple[Path, ...], fmt: str, out: Path | None, max_nfe: int | 
       restore-bench table results/cifar10-jpeg --format latex --out table.tex
       restore-bench table results/jpeg results/jpeg-tuned    # default and tuned cells side by side
       restore-bench table results/cifar10-jpeg --max-nfe 4   # the low-NFE regime; the input (NFE 0) stays
+      restore-bench table results/cifar10-jpeg --complete --metrics psnr,ssim,fid,kid   # scored cells only
     """
-    from benchmarks.tables import load_runs, render
+    from benchmarks.tables import load_runs, render, select
 
     try:
-        frame = load_runs(list(results))
+        frame = select(load_runs(list(results)), [m for m in metrics.split(",") if m.strip()], complete)
         if max_nfe is not None:
             frame = frame[frame.nfe_budget <= max_nfe]
             if frame.empty:

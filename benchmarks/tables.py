@@ -71,6 +71,27 @@ def load_runs(paths: list[str | os.PathLike]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def select(frame: pd.DataFrame, metrics: list[str] | None = None, complete: bool = False) -> pd.DataFrame:
+    """With ``complete`` only the cells (operator, method, NFE budget) that have a value of every set metric (image id
+    ``"*"``: FID, KID) the frame holds; then the rows of ``metrics`` only (all when empty), in that order (the
+    tables' column order follows the rows')."""
+    if complete:
+        cell = ["operator", "method", "nfe_budget"]
+        scored = frame[frame.image_id == "*"]
+        has_all = scored.groupby(cell).metric.nunique().loc[lambda n: n == scored.metric.nunique()].index
+        frame = frame[frame.set_index(cell).index.isin(has_all)]
+        if frame.empty:
+            raise ValueError("no cell has its set metrics (FID, KID) yet")
+    if metrics:
+        unknown = [m for m in metrics if m not in set(frame.metric)]
+        if unknown:
+            raise ValueError(f"no metric {', '.join(unknown)} in these results; they hold "
+                             f"{', '.join(dict.fromkeys(frame.metric))}")
+        order = {m: k for k, m in enumerate(metrics)}
+        frame = frame[frame.metric.isin(metrics)].sort_values("metric", key=lambda m: m.map(order), kind="stable")
+    return frame
+
+
 def ci95(values: np.ndarray) -> float:
     """Half-width of the 95% Student-t confidence interval of the mean (NaN for fewer than 2 values)."""
     values = values[~np.isnan(values)]

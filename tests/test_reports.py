@@ -18,7 +18,7 @@ from scipy import stats
 from benchmarks.cli import main
 from benchmarks.runner import run_suite
 from benchmarks.suites import parse_suite
-from benchmarks.tables import load_runs, render, summarize
+from benchmarks.tables import load_runs, render, select, summarize
 from restore.app.io import write_png
 from restore.methods import register_method
 
@@ -108,6 +108,24 @@ def test_several_runs_make_one_table(tmp_path):
     clash.to_csv(tmp_path / "clash.csv", index=False)
     with pytest.raises(ValueError, match="the runs disagree on a at NFE 2"):
         load_runs([tmp_path / "base.csv", tmp_path / "clash.csv"])
+
+
+def test_select_metrics_in_order_and_only_scored_cells(tmp_path):
+    """`table --metrics fid,psnr --complete`: those columns in that order; a cell without its FID yet is left out."""
+    runs = frame()
+    runs = runs[~((runs.method == "b") & (runs.metric == "fid"))]  # b restored, its FID not computed yet
+    header = render(select(runs, ["fid", "psnr"]), "md").splitlines()[2]
+    assert header.index("FID") < header.index("PSNR")
+    assert list(summarize(select(runs, complete=True)).method) == ["a"]
+    assert list(summarize(select(runs)).method) == ["a", "b"]
+    with pytest.raises(ValueError, match="no metric kid in these results; they hold psnr, fid"):
+        select(runs, ["psnr", "kid"])
+    runs.to_csv(tmp_path / "r.csv", index=False)
+    result = CliRunner().invoke(main, ["table", str(tmp_path / "r.csv"), "--complete", "--metrics", "psnr",
+                                       "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.output))
+    assert list(table.method) == ["a"] and "fid_mean" not in table
 
 
 def test_table_and_plot_commands_write_files(tmp_path):
