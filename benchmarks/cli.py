@@ -131,10 +131,11 @@ def run(suite: str, out: Path | None, limit: int | None, models: dict, data: str
             spec = spec.with_models(models)
         if data:
             spec = spec.with_dataset(data)
+        out = out or Path("results") / spec.name
         if dry_run:
-            _dry_run(spec, out or Path("results") / spec.name, limit, device, acceleration, as_json)
+            _dry_run(spec, out, limit, device, acceleration, as_json)
             return
-        summary = run_suite(spec, out or Path("results") / spec.name, limit=limit, device=device, progress=progress,
+        summary = run_suite(spec, out, limit=limit, device=device, progress=progress,
                             acceleration=acceleration)
     except (ValueError, OSError) as e:
         raise _fail(e) from None

@@ -155,10 +155,10 @@ class Cost:
 
     @property
     def total(self) -> dict[str, float]:
-        rows, left = self.rows, self.rows[~self.rows.complete]
-        share_left = 1 - left.restored / left.images
+        rows = self.rows
+        share_left = (rows.images - rows.restored) / rows.images  # as est_seconds_left
         return {"cells": len(rows), "gflop": float(rows.gflop_total.sum()), "seconds": float(rows.est_seconds.sum()),
-                "cells_left": len(left), "gflop_left": float((left.gflop_total * share_left).sum()),
+                "cells_left": int((~rows.complete).sum()), "gflop_left": float((rows.gflop_total * share_left).sum()),
                 "seconds_left": float(rows.est_seconds_left.sum())}
 
     def to_json(self) -> dict:
